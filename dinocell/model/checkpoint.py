@@ -1,0 +1,285 @@
+"""Loading DINOv3-layout checkpoints into `DinoVisionTransformer`, with patch-size and input-channel adaptation.
+
+Accepted sources: a local path (`torch.load(weights_only=True)`, or `.safetensors`), an `s3://` URI (read through
+`dinocell.storage.read_bytes`), or an already-loaded dict. Accepted layouts: a plain backbone state dict (the
+released `dinov3_vits16_pretrain_*.pth`), or a training checkpoint `{"teacher" | "model" | "student": {...}}` whose
+backbone entries carry a `backbone.` prefix (head entries are skipped and listed in the report).
+
+Adaptations (each listed in the report with old and new shape):
+- patch size: the kernel is resized by FlexiViT's pseudo-inverse resize (`patch_embed_resize`, method "pinv");
+- input channels: a C-channel kernel is summed over its input channels for a 1-channel model, which is exactly the
+  C-channel model applied to the grey image repeated C times.
+Anything else that does not match (missing, unexpected or wrongly shaped entries) raises one ValueError that lists
+every offending key with expected and found shapes. The only entries that may be absent are the derivable buffers
+(`rope_embed.periods`, `*.attn.qkv.bias_mask`): they keep the model's computed values and are listed as defaulted.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PATCH_KERNEL_KEY = "patch_embed.proj.weight"
+TRAINING_SECTIONS = ("teacher", "model", "student")
+# tried in order; the first one that some keys start with is stripped (others are reported as ignored)
+BACKBONE_PREFIXES = ("module.backbone.", "backbone.", "module.")
+
+
+@dataclass
+class AdaptedKey:
+    key: str
+    old_shape: tuple[int, ...]
+    new_shape: tuple[int, ...]
+    how: str
+
+
+@dataclass
+class LoadReport:
+    source: str  # path, URI, or "<dict>"
+    source_format: str  # "plain" or the training-checkpoint section used ("teacher", "model", "student")
+    stripped_prefix: str  # "" when the keys had no prefix
+    loaded_keys: int
+    adapted: list[AdaptedKey] = field(default_factory=list)
+    ignored_keys: list[str] = field(default_factory=list)  # non-backbone entries of the section (heads, ...)
+    defaulted_keys: list[str] = field(default_factory=list)  # derivable buffers absent from the checkpoint
+    missing_keys: list[str] = field(default_factory=list)  # only with strict=False
+    unexpected_keys: list[str] = field(default_factory=list)  # only with strict=False
+
+    def summary(self) -> str:
+        lines = [
+            f"loaded {self.loaded_keys} keys from {self.source} (format {self.source_format}"
+            + (f", prefix {self.stripped_prefix!r} stripped" if self.stripped_prefix else "")
+            + ")"
+        ]
+        for a in self.adapted:
+            lines.append(f"  adapted {a.key}: {list(a.old_shape)} -> {list(a.new_shape)} ({a.how})")
+        for name, keys in (
+            ("ignored (not backbone)", self.ignored_keys),
+            ("defaulted (absent buffers)", self.defaulted_keys),
+            ("missing", self.missing_keys),
+            ("unexpected", self.unexpected_keys),
+        ):
+            if keys:
+                lines.append(f"  {name}: {len(keys)}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- patch kernels
+def resize_matrix(
+    old_size: tuple[int, int], new_size: tuple[int, int], interpolation: str = "bilinear", antialias: bool = True
+) -> Tensor:
+    """The matrix A [new_h*new_w, old_h*old_w] with resize(x).flatten() == A @ x.flatten() for any patch x.
+
+    Built column by column by resizing each one-hot basis kernel (resizing is linear).
+    """
+    n_old = old_size[0] * old_size[1]
+    basis = torch.eye(n_old, dtype=torch.float64).reshape(n_old, 1, *old_size)
+    resized = F.interpolate(basis, size=new_size, mode=interpolation, antialias=antialias, align_corners=False)
+    return resized.reshape(n_old, -1).T.contiguous()
+
+
+def patch_embed_resize(
+    weight: Tensor,
+    new_size: int | tuple[int, int],
+    method: str = "pinv",
+    interpolation: str = "bilinear",
+    antialias: bool = True,
+) -> Tensor:
+    """Resize a patch-embedding kernel [C_out, C_in, h, w] to new_size.
+
+    method "pinv" (FlexiViT PI-resize): a patch x of the old size becomes A x at the new size (A from
+    `resize_matrix`, i.e. the image is resized with the same interpolation). We want <A x, w_new> = <x, w_old> for
+    every x, i.e. A^T w_new = w_old, solved as w_new = pinv(A^T) w_old; in row form
+    w_new = w_old.reshape(C_out, C_in, h*w) @ pinv(A). Exact when enlarging (A has full column rank, so
+    pinv(A) A = I); least squares when shrinking (16 -> 8: 256 equations, 64 unknowns).
+    method "bilinear": resize the kernel itself like an image (the naive baseline; it does not preserve the
+    response, e.g. 16 -> 8 scales a constant patch's response by about 1/4).
+    The bias is unaffected by either method. Computed in float64, returned in the input dtype.
+    """
+    if weight.ndim != 4:
+        raise ValueError(f"patch_embed_resize: expected a kernel [C_out, C_in, h, w], got shape {tuple(weight.shape)}")
+    new_hw = (new_size, new_size) if isinstance(new_size, int) else tuple(new_size)
+    old_hw = tuple(weight.shape[-2:])
+    if new_hw == old_hw:
+        return weight.clone()
+    c_out, c_in = weight.shape[:2]
+    w64 = weight.detach().to(torch.float64)
+    if method == "bilinear":
+        out = F.interpolate(w64, size=new_hw, mode=interpolation, antialias=antialias, align_corners=False)
+    elif method == "pinv":
+        a = resize_matrix(old_hw, new_hw, interpolation, antialias)
+        out = (w64.reshape(c_out, c_in, -1) @ torch.linalg.pinv(a)).reshape(c_out, c_in, *new_hw)
+    else:
+        raise ValueError(f"patch_embed_resize: unknown method {method!r} (use 'pinv' or 'bilinear')")
+    return out.to(weight.dtype)
+
+
+def fold_input_channels(weight: Tensor, in_chans: int) -> Tensor:
+    """Sum a [C_out, C, h, w] kernel over C for a 1-channel model (== the C-channel model on grey repeated C times)."""
+    if weight.shape[1] == in_chans:
+        return weight
+    if in_chans != 1:
+        raise ValueError(f"cannot adapt a {weight.shape[1]}-channel patch kernel to {in_chans} channels (only to 1)")
+    return weight.sum(dim=1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def _torch_load_bytes(data: bytes, origin: str):
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise ValueError(f"{origin}: cannot read as a torch checkpoint (weights_only=True): {exc}") from exc
+
+
+def read_checkpoint(path_or_obj) -> tuple[Mapping, str]:
+    """(checkpoint object, description of its source) from a path, an s3:// URI or a dict."""
+    if isinstance(path_or_obj, Mapping):
+        return path_or_obj, "<dict>"
+    if not isinstance(path_or_obj, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a path, an s3:// URI or a dict, got {type(path_or_obj).__name__}")
+    src = os.fspath(path_or_obj)
+    is_safetensors = src.endswith(".safetensors")
+    if src.startswith("s3://"):
+        from dinocell.storage import read_bytes  # lazy: boto3 is only needed for remote checkpoints
+
+        data = read_bytes(src)
+        if is_safetensors:
+            from safetensors.torch import load as load_safetensors_bytes
+
+            return load_safetensors_bytes(data), src
+        return _torch_load_bytes(data, src), src
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"checkpoint not found: {src}")
+    if is_safetensors:
+        from safetensors.torch import load_file
+
+        return load_file(src), src
+    try:
+        return torch.load(src, weights_only=True, map_location="cpu"), src
+    except Exception as exc:
+        raise ValueError(f"{src}: cannot read as a torch checkpoint (weights_only=True): {exc}") from exc
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def extract_backbone_state_dict(
+    obj: Mapping, which: str | None = None, origin: str = "<dict>"
+) -> tuple[dict[str, Tensor], str, str, list[str]]:
+    """(backbone state dict, source format, stripped prefix, ignored keys) of a plain or training checkpoint."""
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{origin}: checkpoint is a {type(obj).__name__}, expected a dict")
+    if which is not None:
+        if not isinstance(obj.get(which), Mapping):
+            raise ValueError(f"{origin}: no {which!r} section; top-level keys: {sorted(map(str, obj))}")
+        section, fmt = obj[which], which
+    elif _is_state_dict(obj):
+        section, fmt = obj, "plain"
+    else:
+        found = [k for k in TRAINING_SECTIONS if isinstance(obj.get(k), Mapping)]
+        if not found:
+            raise ValueError(
+                f"{origin}: neither a state dict (all values tensors) nor a training checkpoint with one of "
+                f"{list(TRAINING_SECTIONS)}; top-level keys: {sorted(map(str, obj))}"
+            )
+        section, fmt = obj[found[0]], found[0]
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in section.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise ValueError(f"{origin}: section {fmt!r} has non-tensor entries: {', '.join(not_tensors)}")
+    prefix = next((p for p in BACKBONE_PREFIXES if any(k.startswith(p) for k in section)), "")
+    if not prefix:
+        return dict(section), fmt, "", []
+    state = {k[len(prefix) :]: v for k, v in section.items() if k.startswith(prefix)}
+    ignored = sorted(k for k in section if not k.startswith(prefix))
+    return state, fmt, prefix, ignored
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _is_derivable_buffer(key: str) -> bool:
+    return key == "rope_embed.periods" or key.endswith(".attn.qkv.bias_mask")
+
+
+def _shape(t: Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def adapt_patch_kernel(
+    state: dict[str, Tensor], target: Mapping[str, Tensor], method: str = "pinv"
+) -> list[AdaptedKey]:
+    """Fold input channels and resize the patch kernel in `state` (in place) to the target's shape, if needed.
+
+    Leaves the entry as is when the output width differs (that is reported later as a shape error).
+    """
+    if PATCH_KERNEL_KEY not in state or PATCH_KERNEL_KEY not in target:
+        return []
+    weight, want = state[PATCH_KERNEL_KEY], target[PATCH_KERNEL_KEY].shape
+    if weight.shape == want or weight.ndim != 4 or weight.shape[0] != want[0]:
+        return []
+    old, steps = tuple(weight.shape), []
+    if weight.shape[1] != want[1]:
+        if want[1] != 1:
+            return []  # only C -> 1 is exact; the shape error names the key
+        weight = fold_input_channels(weight, 1)
+        steps.append(f"summed {old[1]} input channels")
+    if tuple(weight.shape[-2:]) != tuple(want[-2:]):
+        weight = patch_embed_resize(weight, tuple(want[-2:]), method=method)
+        steps.append(f"{method} resize {old[2]}x{old[3]} -> {want[2]}x{want[3]}")
+    state[PATCH_KERNEL_KEY] = weight
+    return [AdaptedKey(PATCH_KERNEL_KEY, old, tuple(weight.shape), "; ".join(steps))]
+
+
+def load_dinov3_checkpoint(
+    model: nn.Module,
+    path_or_obj,
+    strict: bool = True,
+    which: str | None = None,
+    patch_resize_method: str = "pinv",
+) -> LoadReport:
+    """Load a DINOv3-layout checkpoint into `model` (adapting patch size / input channels) and report what was done.
+
+    strict=True: any missing or unexpected backbone key raises. strict=False: they are listed in the report instead.
+    Shape mismatches that cannot be adapted always raise. `which` picks a training-checkpoint section explicitly
+    (default: the first of teacher, model, student that is present).
+    """
+    obj, source = read_checkpoint(path_or_obj)
+    state, fmt, prefix, ignored = extract_backbone_state_dict(obj, which, source)
+    target = model.state_dict()
+    adapted = adapt_patch_kernel(state, target, patch_resize_method)
+
+    absent = [k for k in target if k not in state]
+    defaulted = [k for k in absent if _is_derivable_buffer(k)]
+    missing = [k for k in absent if not _is_derivable_buffer(k)]
+    unexpected = [k for k in state if k not in target]
+    wrong_shape = [k for k in state if k in target and state[k].shape != target[k].shape]
+
+    problems = [f"  shape {k}: expected {_shape(target[k])}, found {_shape(state[k])}" for k in wrong_shape]
+    if strict:
+        problems += [f"  missing {k}: expected {_shape(target[k])}, not in checkpoint" for k in missing]
+        problems += [f"  unexpected {k}: found {_shape(state[k])}, not in model" for k in unexpected]
+    if problems:
+        raise ValueError(
+            f"{source} (format {fmt}) does not fit {type(model).__name__}: {len(problems)} problem(s)\n"
+            + "\n".join(problems)
+        )
+
+    to_load = {k: v for k, v in state.items() if k in target}
+    to_load.update({k: target[k] for k in defaulted})  # keep the model's computed buffers
+    model.load_state_dict(to_load, strict=not missing)
+    return LoadReport(
+        source=source,
+        source_format=fmt,
+        stripped_prefix=prefix,
+        loaded_keys=len(to_load) - len(defaulted),
+        adapted=adapted,
+        ignored_keys=ignored,
+        defaulted_keys=defaulted,
+        missing_keys=missing,
+        unexpected_keys=unexpected,
+    )
