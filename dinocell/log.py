@@ -1,0 +1,31 @@
+"""One logger setup for every step: plain lines on stderr, rank-aware (only rank 0 speaks at INFO under torchrun)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_logging(level: str | int | None = None) -> None:
+    """Configure the root 'dinocell' logger once; non-zero ranks log warnings and above only."""
+    level = level or os.environ.get("DINOCELL_LOG_LEVEL", "INFO")
+    if rank() != 0 and logging.getLevelName(level) == logging.INFO:
+        level = "WARNING"
+    root = logging.getLogger("dinocell")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(level)
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name if name.startswith("dinocell") else f"dinocell.{name}")
