@@ -1,0 +1,675 @@
+"""dinocell.k8s: JobSpec checks, PyTorchJob/TrainJob builders against the vendored CRD schemas, the torchrun command
+as torchrun itself parses it, the kustomize manifests, and the launcher against a fake API server over real HTTP."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_k8s import FakeKubernetes, Scenario
+
+from dinocell.k8s import (
+    JobFailed,
+    JobSpec,
+    JobSpecError,
+    JobSubmitError,
+    JobTimeout,
+    ManifestInvalid,
+    build_job,
+    build_pytorchjob,
+    build_trainjob,
+    make_api_client,
+    pretrain_command,
+    resolve_namespace,
+    run_job,
+    torchrun_command,
+    unique_job_name,
+    validate_object,
+)
+from dinocell.k8s.launcher import parse_log_timestamp
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "s3://CHANGE-ME-bucket/dinocell/configs/pretrain.yaml"
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+LABELS = {"app.kubernetes.io/name": "dinocell", "app.kubernetes.io/component": "pretrain"}
+POLL = 0.05
+
+
+def spec_for(backend: str, nodes: int = 1, gpus: int = 0, **kw) -> JobSpec:
+    nproc = max(1, gpus)
+    base = {
+        "name": "dino-pre",
+        "image": "ghcr.io/example/dinocell:0.1.0",
+        "command": pretrain_command(CONFIG, {"train.epochs": 2}, nodes, nproc, backend=backend),
+        "nodes": nodes,
+        "nproc_per_node": nproc,
+        "gpus_per_node": gpus,
+        "env_from_secret": "dinocell-storage",
+    }
+    base.update(kw)
+    return JobSpec(**base)
+
+
+# ---- builders + vendored schemas ------------------------------------------------------------------------------
+
+
+def test_pytorchjob_single_node_is_master_only_and_valid():
+    job = build_pytorchjob(spec_for("pytorchjob", cpu="4", memory="16Gi"))
+    validate_object(job)
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert list(replicas) == ["Master"] and replicas["Master"]["replicas"] == 1
+    container = replicas["Master"]["template"]["spec"]["containers"][0]
+    assert container["name"] == "pytorch"
+    assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"}]
+    # no GPU asked for: no GPU resource at all (a 0 request would still need the device plugin's resource name)
+    assert container["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}
+    assert job["spec"]["nprocPerNode"] == "1"
+    assert job["spec"]["runPolicy"] == {"cleanPodPolicy": "None", "backoffLimit": 0}
+
+
+def test_pytorchjob_multi_node_puts_gpus_placement_secret_and_shm_on_every_training_pod():
+    spec = spec_for(
+        "pytorchjob",
+        nodes=3,
+        gpus=8,
+        node_selector=H100,
+        tolerations=[GPU_TOLERATION],
+        service_account="trainer",
+        labels=LABELS,
+        ttl_seconds_after_finished=3600,
+        shm_size="32Gi",
+    )
+    job = build_pytorchjob(spec)
+    validate_object(job)
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 2)
+    assert job["spec"]["nprocPerNode"] == "8"
+    assert job["spec"]["runPolicy"]["ttlSecondsAfterFinished"] == 3600
+    for rtype in ("Master", "Worker"):
+        template = replicas[rtype]["template"]
+        pod = template["spec"]
+        (container,) = pod["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == 8
+        assert container["envFrom"] == [{"secretRef": {"name": "dinocell-storage"}}]
+        assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+        assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}}]
+        assert pod["nodeSelector"] == H100 and pod["tolerations"] == [GPU_TOLERATION]
+        assert pod["serviceAccountName"] == "trainer"
+        assert template["metadata"]["labels"] == LABELS
+        assert "--master-addr=$(MASTER_ADDR)" in container["command"]
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_trainjob_schema_valid_and_fields(nodes):
+    spec = spec_for(
+        "trainjob",
+        nodes=nodes,
+        gpus=8,
+        cpu="32",
+        memory="256Gi",
+        node_selector=H100,
+        tolerations=[GPU_TOLERATION],
+        service_account="trainer",
+        labels=LABELS,
+        env={"WANDB_MODE": "offline"},
+    )
+    job = build_trainjob(spec)
+    validate_object(job)
+    assert job["spec"]["runtimeRef"] == {
+        "name": "torch-distributed",
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+    }
+    trainer = job["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (nodes, 8)
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
+    assert trainer["command"][:3] == ["torchrun", f"--nnodes={nodes}", "--nproc-per-node=8"]
+    assert not any("$(" in a for a in trainer["command"])  # Trainer v2 sets PET_* only
+    # credentials: one secretKeyRef per key (no envFrom in this API); only the endpoint may be absent
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["WANDB_MODE"] == {"name": "WANDB_MODE", "value": "offline"}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {
+        "secretKeyRef": {"name": "dinocell-storage", "key": "AWS_ACCESS_KEY_ID"}
+    }
+    assert env["AWS_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    (override,) = job["spec"]["podTemplateOverrides"]
+    assert override["targetJobs"] == [{"name": "node"}]
+    assert override["metadata"] == {"labels": LABELS}
+    pod = override["spec"]
+    assert pod["nodeSelector"] == H100 and pod["tolerations"] == [GPU_TOLERATION]
+    assert pod["serviceAccountName"] == "trainer"
+    assert pod["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
+
+
+def test_build_job_dispatches_by_backend():
+    assert build_job(spec_for("trainjob"), "trainjob")["kind"] == "TrainJob"
+    assert build_job(spec_for("pytorchjob"))["kind"] == "PyTorchJob"
+    with pytest.raises(ValueError, match="backend 'mpijob'"):
+        build_job(spec_for("pytorchjob"), "mpijob")
+
+
+def test_builders_refuse_commands_and_fields_of_the_other_backend():
+    with pytest.raises(JobSpecError, match=r"\$\(RANK\).*backend='trainjob'"):
+        build_trainjob(spec_for("pytorchjob"))  # v1 rendezvous vars would reach torchrun unexpanded
+    with pytest.raises(JobSpecError, match="ttl_seconds_after_finished"):
+        build_trainjob(spec_for("trainjob", ttl_seconds_after_finished=60))
+    with pytest.raises(JobSpecError, match="--master-addr"):
+        build_pytorchjob(spec_for("trainjob", nodes=2, gpus=2))  # would rendezvous on 127.0.0.1 and hang
+
+
+def test_name_must_leave_room_for_derived_names():
+    name = "a" * 54
+    build_pytorchjob(spec_for("pytorchjob", name=name, nodes=11))  # service '<name>-worker-9': 63 chars
+    with pytest.raises(JobSpecError, match=r"service name '.*-worker-10' exceeds 63.*<= 53"):
+        build_pytorchjob(spec_for("pytorchjob", name=name, nodes=12))
+    build_trainjob(spec_for("trainjob", name=name, nodes=2, command=["python"]))  # host '<name>-node-0-1'
+    with pytest.raises(JobSpecError, match=r"pod hostname '.*-node-0-1' exceeds 63"):
+        build_trainjob(spec_for("trainjob", name=name + "b", nodes=2, command=["python"]))
+
+
+# ---- validation reports the JSON path -----------------------------------------------------------------------
+
+
+def _master(job):
+    return job["spec"]["pytorchReplicaSpecs"]["Master"]
+
+
+@pytest.mark.parametrize(
+    "mutate, path, text",
+    [
+        (lambda j: j["spec"].__setitem__("nprocsPerNode", "8"), "$.spec.nprocsPerNode", "unknown field"),
+        (
+            lambda j: _master(j).__setitem__("replicas", "one"),
+            "$.spec.pytorchReplicaSpecs.Master.replicas",
+            "not of type 'integer'",
+        ),
+        (
+            lambda j: _master(j)["template"]["spec"]["containers"][0]["resources"]["limits"].__setitem__(
+                "nvidia.com/gpu", "eight"
+            ),
+            '$.spec.pytorchReplicaSpecs.Master.template.spec.containers[0].resources.limits["nvidia.com/gpu"]',
+            "does not match",
+        ),
+        (
+            lambda j: _master(j)["template"]["spec"]["containers"][0].__setitem__(
+                "env", [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]
+            ),
+            "$.spec.pytorchReplicaSpecs.Master.template.spec.containers[0].env[1]",
+            "duplicate entry (name='A')",
+        ),
+        (
+            lambda j: j["spec"]["runPolicy"].__setitem__("backoffLimit", 2**31),
+            "$.spec.runPolicy.backoffLimit",
+            "does not fit int32",
+        ),
+        (
+            lambda j: _master(j).__setitem__("replicas", 2),
+            "$.spec.pytorchReplicaSpecs.Master.replicas",
+            "exactly 1 replica",
+        ),
+        (
+            lambda j: _master(j)["template"]["spec"]["containers"][0].__setitem__("name", "main"),
+            "$.spec.pytorchReplicaSpecs.Master.template.spec.containers",
+            "no container named 'pytorch'",
+        ),
+        (
+            lambda j: j["spec"]["pytorchReplicaSpecs"].__setitem__("Chief", copy.deepcopy(_master(j))),
+            "$.spec.pytorchReplicaSpecs.Chief",
+            "must be 'Master' or 'Worker'",
+        ),
+        (lambda j: j["metadata"].__setitem__("name", "Dino_Pre"), "$.metadata.name", "RFC 1035"),
+        (
+            lambda j: _master(j)["template"]["spec"]["volumes"][0].pop("name"),
+            "$.spec.pytorchReplicaSpecs.Master.template.spec.volumes[0]",
+            "'name' is a required property",
+        ),
+    ],
+)
+def test_pytorchjob_validation_names_the_path(mutate, path, text):
+    job = build_pytorchjob(spec_for("pytorchjob", gpus=1))
+    mutate(job)
+    with pytest.raises(ManifestInvalid) as info:
+        validate_object(job)
+    assert info.value.path == path
+    assert text in info.value.errors[0][1]
+    assert path in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "mutate, path, text",
+    [
+        (lambda j: j["spec"].pop("runtimeRef"), "$.spec", "'runtimeRef' is a required property"),
+        (
+            lambda j: j["spec"]["trainer"].__setitem__("numNodes", 2.5),
+            "$.spec.trainer.numNodes",
+            "not of type 'integer'",
+        ),
+        (
+            lambda j: j["spec"]["podTemplateOverrides"][0].pop("targetJobs"),
+            "$.spec.podTemplateOverrides[0]",
+            "'targetJobs' is a required property",
+        ),
+        (
+            lambda j: j["spec"]["trainer"].__setitem__("numProcPerNode", 0),
+            "$.spec.trainer.numProcPerNode",
+            "positive integer",
+        ),
+        (lambda j: j["metadata"].__setitem__("name", "9lives"), "$.metadata.name", "RFC 1035"),
+        (lambda j: j["spec"]["trainer"].__setitem__("envFrom", []), "$.spec.trainer.envFrom", "unknown field"),
+    ],
+)
+def test_trainjob_validation_names_the_path(mutate, path, text):
+    job = build_trainjob(spec_for("trainjob", node_selector=H100))
+    mutate(job)
+    with pytest.raises(ManifestInvalid) as info:
+        validate_object(job)
+    assert info.value.path == path and text in info.value.errors[0][1]
+
+
+def test_non_strict_validation_allows_unknown_fields_like_a_pruning_api_server():
+    job = build_pytorchjob(spec_for("pytorchjob"))
+    job["spec"]["nprocsPerNode"] = "8"
+    validate_object(job, strict=False)
+    with pytest.raises(ManifestInvalid, match="no vendored schema"):
+        validate_object({**job, "kind": "MPIJob"})
+
+
+# ---- JobSpec ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value, text",
+    [
+        ("name", "Dino", "JobSpec.name"),
+        ("nodes", 0, "JobSpec.nodes: must be >= 1"),
+        ("nproc_per_node", 4, "JobSpec.nproc_per_node: 4 processes per node but only 2 GPUs"),
+        ("memory", "16GB", "JobSpec.memory: '16GB' is not a Kubernetes quantity"),
+        ("env", {"RANK": "0"}, "JobSpec.env['RANK']: is set by the training operator"),
+        (
+            "tolerations",
+            [{"key": "x", "operator": "Exists", "value": "y"}],
+            "JobSpec.tolerations[0]: operator 'Exists' takes no value",
+        ),
+        ("tolerations", [{"key": "x", "effects": "NoSchedule"}], "unknown key(s) ['effects']"),
+        (
+            "node_selector",
+            {"nvidia.com/gpu.product": "H100 80GB"},
+            "JobSpec.node_selector['nvidia.com/gpu.product']: label value",
+        ),
+        ("clean_pod_policy", "Always", "JobSpec.clean_pod_policy"),
+        ("optional_secret_keys", ("AWS_REGION",), "not in secret_keys"),
+        ("command", [], "JobSpec.command"),
+    ],
+)
+def test_jobspec_rejects_bad_fields_by_name(field, value, text):
+    kw = {"name": "dino", "image": "img:1", "command": ["python", "-V"], "gpus_per_node": 2, "nproc_per_node": 2}
+    kw[field] = value
+    with pytest.raises(JobSpecError) as info:
+        JobSpec(**kw)
+    assert text in str(info.value)
+
+
+def test_jobspec_from_dict_names_unknown_and_missing_keys():
+    ok = JobSpec.from_dict({"name": "dino", "image": "img:1", "command": ["python"], "nodes": 2}, where="cfg.k8s")
+    assert ok.nodes == 2 and ok.world_size == 2
+    with pytest.raises(JobSpecError, match=r"cfg\.k8s: unknown key\(s\) \['gpus'\]"):
+        JobSpec.from_dict({"name": "dino", "image": "img:1", "command": ["python"], "gpus": 8}, where="cfg.k8s")
+    with pytest.raises(JobSpecError, match=r"cfg\.k8s: .*'image'"):
+        JobSpec.from_dict({"name": "dino", "command": ["python"]}, where="cfg.k8s")
+
+
+def test_unique_job_name_is_a_short_valid_label():
+    a, b = unique_job_name("DinoCell_Pretrain!"), unique_job_name("DinoCell_Pretrain!")
+    assert a != b and len(a) <= 40
+    assert re.fullmatch(r"dinocell-pretrain-\d{12}-[0-9a-f]{4}", a)
+    assert unique_job_name("123")[0] == "j"
+
+
+# ---- the torchrun command, as torchrun parses it ------------------------------------------------------------------
+
+
+def test_torchrun_command_exact():
+    assert torchrun_command(2, 8, "trainjob", module_args=["pretrain"]) == [
+        "torchrun",
+        "--nnodes=2",
+        "--nproc-per-node=8",
+        "-m",
+        "dinocell.cli",
+        "pretrain",
+    ]
+    assert pretrain_command("s3://b/c.yaml", {"optim.lr": 1e-4, "data.cache": True}, 1, 1, "pytorchjob") == [
+        "torchrun",
+        "--nnodes=1",
+        "--nproc-per-node=1",
+        "--node-rank=$(RANK)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+        "-m",
+        "dinocell.cli",
+        "pretrain",
+        "--config",
+        "s3://b/c.yaml",
+        "--set",
+        "optim.lr=0.0001",
+        "--set",
+        "data.cache=true",
+    ]
+    with pytest.raises(JobSpecError, match="key=value"):
+        pretrain_command("s3://b/c.yaml", ["lr"])
+
+
+def _kubelet_expand(arg: str, env: dict) -> str:
+    """$(VAR) -> value for defined VARs, $$ -> $ (the kubelet's expansion of container command/args)."""
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        arg,
+    )
+
+
+def test_torchrun_reads_what_each_operator_injects(monkeypatch):
+    run = pytest.importorskip("torch.distributed.run")
+    # Training Operator v1, worker 1 of a 2-node job: MASTER_ADDR/PORT and RANK only (no PET_MASTER_*)
+    for var in ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    v1_env = {"MASTER_ADDR": "dino-master-0", "MASTER_PORT": "23456", "RANK": "1", "WORLD_SIZE": "16"}
+    argv = [_kubelet_expand(a, v1_env) for a in pretrain_command(CONFIG, {}, 2, 8, "pytorchjob")]
+    args = run.get_args_parser().parse_args(argv[1:])
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 1)
+    assert (args.master_addr, args.master_port, args.module, args.training_script) == (
+        "dino-master-0",
+        23456,
+        True,
+        "dinocell.cli",
+    )
+    assert args.training_script_args == ["pretrain", "--config", CONFIG]
+    # Trainer v2, node 1: PET_* variables, no $(...) in the command
+    for var, value in {
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "8",
+        "PET_NODE_RANK": "1",
+        "PET_MASTER_ADDR": "dino-node-0-0.dino",
+        "PET_MASTER_PORT": "29400",
+    }.items():
+        monkeypatch.setenv(var, value)
+    args = run.get_args_parser().parse_args(pretrain_command(CONFIG, {}, 2, 8, "trainjob")[1:])
+    assert (args.node_rank, args.master_addr, int(args.master_port)) == (1, "dino-node-0-0.dino", 29400)
+
+
+# ---- manifests ----------------------------------------------------------------------------------------------------
+
+OVERLAY_SPECS = {
+    "single-gpu": {
+        "name": "dinocell-pretrain-1gpu",
+        "nodes": 1,
+        "nproc_per_node": 1,
+        "gpus_per_node": 1,
+        "cpu": "12",
+        "memory": "96Gi",
+        "shm_size": "16Gi",
+        "tolerations": [GPU_TOLERATION],
+    },
+    "multi-node": {
+        "name": "dinocell-pretrain-2x8",
+        "nodes": 2,
+        "nproc_per_node": 8,
+        "gpus_per_node": 8,
+        "cpu": "96",
+        "memory": "960Gi",
+        "shm_size": "64Gi",
+        "node_selector": H100,
+        "tolerations": [GPU_TOLERATION],
+    },
+}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed: cannot run `kubectl kustomize`")
+@pytest.mark.parametrize("overlay", sorted(OVERLAY_SPECS))
+def test_kustomize_overlay_renders_a_valid_job_equal_to_the_builder(overlay):
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(REPO / "manifests" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
+    assert set(docs) == {"PyTorchJob", "Role", "RoleBinding"}
+    job = docs["PyTorchJob"]
+    validate_object(job)
+    o = OVERLAY_SPECS[overlay]
+    expected = build_pytorchjob(
+        JobSpec(
+            image="ghcr.io/CHANGE-ME/dinocell:0.1.0",
+            namespace="kubeflow",
+            command=pretrain_command(CONFIG, {}, o["nodes"], o["nproc_per_node"], "pytorchjob"),
+            env_from_secret="dinocell-storage",
+            labels=LABELS,
+            ttl_seconds_after_finished=604800,
+            **o,
+        )
+    )
+    assert job == expected
+    rules = {tuple(r["apiGroups"]): r for r in docs["Role"]["rules"]}
+    assert rules[("kubeflow.org",)]["resources"] == ["pytorchjobs"]
+    assert rules[("trainer.kubeflow.org",)]["resources"] == ["trainjobs"]
+    for rule in rules[("kubeflow.org",)], rules[("trainer.kubeflow.org",)]:
+        assert set(rule["verbs"]) == {"create", "get", "list", "watch", "delete"}
+    assert set(rules[("",)]["resources"]) == {"pods", "pods/log"} and set(rules[("",)]["verbs"]) == {"get", "list"}
+    binding = docs["RoleBinding"]
+    assert binding["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
+
+
+def test_example_secret_and_configmap_hold_placeholders_and_stay_out_of_the_kustomization():
+    base = REPO / "manifests" / "base"
+    secret = yaml.safe_load((base / "storage-secret.yaml").read_text())
+    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+    assert all("CHANGE-ME" in v for v in secret["stringData"].values())
+    cm = yaml.safe_load((base / "pipeline-root-configmap.yaml").read_text())
+    assert cm["metadata"]["name"] == "kfp-launcher" and cm["data"]["defaultPipelineRoot"].startswith("s3://")
+    resources = yaml.safe_load((base / "kustomization.yaml").read_text())["resources"]
+    assert "storage-secret.yaml" not in resources and "pipeline-root-configmap.yaml" not in resources
+
+
+# ---- launcher against the fake API server -------------------------------------------------------------------------
+
+BACKEND_FAILURE = {
+    "pytorchjob": ("PyTorchJobFailed", "1 Master replica(s) failed."),
+    "trainjob": ("FailedJobs", "jobset dino-pre failed: job node-0 backoff limit reached"),
+}
+
+
+@pytest.fixture
+def fake():
+    with FakeKubernetes() as server:
+        yield server
+
+
+def _client(fake):
+    return make_api_client(host=fake.url)
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+def test_run_job_success_streams_each_log_line_once_and_cleans_up(fake, backend):
+    lines = [f"step {i} loss {1 / (i + 1):.4f}" for i in range(7)] + ['{"step": 7, "loss": 0.125}']
+    fake.script("dino-pre", Scenario(start_after=2, run_polls=3, log_lines=lines))
+    seen = []
+    spec = spec_for(backend, nodes=2, gpus=2, namespace="team-a")
+    result = run_job(spec, backend, _client(fake), poll_s=POLL, start_timeout_s=30, log_sink=seen.append)
+    assert seen == lines  # in order, none twice, JSON-looking lines untouched
+    assert (result.log_lines, result.log_tail[-1], result.namespace) == (len(lines), lines[-1], "team-a")
+    assert result.state == ("Succeeded" if backend == "pytorchjob" else "Complete")
+    assert result.master_pod.startswith("dino-pre-master-0" if backend == "pytorchjob" else "dino-pre-node-0-0-")
+    assert result.deleted and fake.deleted == [(f"{backend}s", "team-a", "dino-pre")]
+    created = fake.created[0]
+    expected = build_job(spec, backend)
+    assert created["spec"] == expected["spec"] and created["kind"] == expected["kind"]
+    log_calls = [q for m, p, q in fake.requests if p.endswith("/log")]
+    assert log_calls and all(q["container"] == ("pytorch" if backend == "pytorchjob" else "node") for q in log_calls)
+    assert "sinceSeconds" not in log_calls[0] and all("sinceSeconds" in q for q in log_calls[1:])
+
+
+def test_cleanup_never_keeps_a_succeeded_job(fake):
+    result = run_job(
+        spec_for("pytorchjob", namespace="ns1"),
+        "pytorchjob",
+        _client(fake),
+        poll_s=POLL,
+        cleanup="never",
+        log_sink=lambda line: None,
+    )
+    assert not result.deleted and fake.deleted == [] and ("pytorchjobs", "ns1", "dino-pre") in fake.jobs
+
+
+@pytest.mark.parametrize("backend, cleanup", [("pytorchjob", "on_success"), ("trainjob", "always")])
+def test_failed_job_raises_with_reason_and_log_tail(fake, backend, cleanup):
+    reason, message = BACKEND_FAILURE[backend]
+    fake.script(
+        "dino-pre",
+        Scenario(
+            outcome="fail",
+            reason=reason,
+            message=message,
+            log_lines=["step 0 loss 1.0", "Traceback (most recent call last):", "CUDA error: out of memory"],
+        ),
+    )
+    with pytest.raises(JobFailed) as info:
+        run_job(
+            spec_for(backend, namespace="ns1"),
+            backend,
+            _client(fake),
+            poll_s=POLL,
+            cleanup=cleanup,
+            log_sink=lambda line: None,
+        )
+    err = info.value
+    assert (err.reason, err.message) == (reason, message) and not isinstance(err, JobTimeout)
+    assert err.log_tail[-1] == "CUDA error: out of memory" and "CUDA error: out of memory" in str(err)
+    assert f"ns1/dino-pre failed: {reason}" in str(err)
+    assert err.deleted is (cleanup == "always")
+    assert (("pytorchjobs" if backend == "pytorchjob" else "trainjobs", "ns1", "dino-pre") in fake.jobs) is (
+        cleanup != "always"
+    )
+
+
+@pytest.mark.parametrize(
+    "backend, last_condition",
+    [
+        ("pytorchjob", "Created=True reason=PyTorchJobCreated"),
+        ("trainjob", "no condition reported yet"),
+    ],
+)
+def test_job_that_never_starts_hits_the_start_timeout(fake, backend, last_condition):
+    fake.script(
+        "dino-pre",
+        Scenario(outcome="never_start", pending_message="0/4 nodes are available: 4 Insufficient nvidia.com/gpu."),
+    )
+    with pytest.raises(JobTimeout) as info:
+        run_job(
+            spec_for(backend, gpus=8, namespace="ns1"),
+            backend,
+            _client(fake),
+            poll_s=POLL,
+            start_timeout_s=0.4,
+            timeout_s=10,
+            cleanup="always",
+            log_sink=lambda line: None,
+        )
+    err = info.value
+    text = str(err)
+    assert err.reason == "StartTimeout" and err.deleted
+    assert "ns1/dino-pre did not start within 0.4 s" in text
+    assert last_condition in text
+    assert "unscheduled (Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu.)" in text
+
+
+def test_overall_timeout_stops_a_job_that_runs_too_long(fake):
+    fake.script("dino-pre", Scenario(run_polls=10_000))
+    with pytest.raises(JobTimeout) as info:
+        run_job(
+            spec_for("pytorchjob", namespace="ns1"),
+            "pytorchjob",
+            _client(fake),
+            poll_s=POLL,
+            timeout_s=0.4,
+            cleanup="on_success",
+            log_sink=lambda line: None,
+        )
+    assert info.value.reason == "Timeout" and "still running after the 0.4 s timeout" in str(info.value)
+    assert not info.value.deleted and ("pytorchjobs", "ns1", "dino-pre") in fake.jobs
+
+
+def test_submit_errors_explain_conflict_and_missing_crd(fake):
+    spec = spec_for("pytorchjob", namespace="ns1")
+    run_job(spec, "pytorchjob", _client(fake), poll_s=POLL, cleanup="never", log_sink=lambda line: None)
+    with pytest.raises(JobSubmitError, match="HTTP 409.*already exists.*unique_job_name"):
+        run_job(spec, "pytorchjob", _client(fake), poll_s=POLL, log_sink=lambda line: None)
+    with (
+        FakeKubernetes(kinds={("kubeflow.org", "v1", "pytorchjobs"): "PyTorchJob"}) as no_trainer,
+        pytest.raises(JobSubmitError, match="HTTP 404.*TrainJob CRD installed"),
+    ):
+        run_job(spec_for("trainjob", namespace="ns1"), "trainjob", make_api_client(host=no_trainer.url), poll_s=POLL)
+
+
+def test_default_kubeconfig_is_used_outside_a_cluster(fake, tmp_path, monkeypatch):
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "fake",
+                "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u", "namespace": "ns1"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+            }
+        )
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    result = run_job(spec_for("pytorchjob", namespace="ns1"), "pytorchjob", poll_s=POLL, log_sink=lambda line: None)
+    assert result.state == "Succeeded"
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(RuntimeError, match="no Kubernetes credentials"):
+        make_api_client()
+
+
+def test_namespace_resolution_order(tmp_path):
+    sa = tmp_path / "namespace"
+    spec_ns, spec_plain = spec_for("pytorchjob", namespace="from-spec"), spec_for("pytorchjob")
+    sa.write_text("kubeflow-user\n")
+    assert resolve_namespace("explicit", spec_ns, sa) == "explicit"
+    assert resolve_namespace(None, spec_ns, sa) == "from-spec"
+    assert resolve_namespace(None, spec_plain, sa) == "kubeflow-user"
+    with pytest.raises(ValueError, match="no namespace for the job"):
+        resolve_namespace(None, spec_plain, tmp_path / "absent")
+
+
+def test_run_job_rejects_bad_arguments_before_contacting_the_cluster():
+    spec = spec_for("pytorchjob", namespace="ns1")
+    with pytest.raises(ValueError, match="cleanup 'sometimes'"):
+        run_job(spec, cleanup="sometimes", api_client=object())
+    with pytest.raises(ValueError, match="backend 'tfjob'"):
+        run_job(spec, "tfjob", api_client=object())
+
+
+def test_log_timestamps_compare_numerically_despite_trimmed_fractions():
+    a = parse_log_timestamp("2026-01-02T03:04:05.5Z")
+    b = parse_log_timestamp("2026-01-02T03:04:05.123456789Z")
+    c = parse_log_timestamp("2026-01-02T05:04:05.5+02:00")
+    assert b < a == c and a - b == 376_543_211
+    assert parse_log_timestamp("2026-01-02T03:04:05Z") % 1_000_000_000 == 0
+    assert parse_log_timestamp("step 3") is None
