@@ -83,6 +83,8 @@ class ObjectInfo:
 
 
 _config = StorageConfig()
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 _state = threading.local()
 _client_lock = threading.Lock()
 _client_cache: dict[tuple, object] = {}
@@ -249,6 +251,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions a plain open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
