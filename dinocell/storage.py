@@ -49,6 +49,8 @@ __all__ = [
     "delete",
     "local_path",
     "map_parallel",
+    "open_read",
+    "NotFound",
 ]
 
 
@@ -229,6 +231,31 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
             raise _s3_error(uri, "read", e) from e
     try:
         return local_path(uri).read_bytes()
+    except OSError as e:
+        raise StorageError(f"read {uri} failed: {e.strerror or e}") from e
+
+
+class NotFound(StorageError):
+    """The object does not exist (retrying cannot help)."""
+
+
+def open_read(uri: str | os.PathLike):
+    """A binary stream (with `read`/`readinto`) over an object, for large objects read sequentially (tar shards).
+
+    Raises NotFound for a missing object, StorageError for other failures.
+    """
+    uri = str(uri)
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            return _client().get_object(Bucket=bucket, Key=key)["Body"]
+        except Exception as e:
+            err = _s3_error(uri, "read", e)
+            raise (NotFound(str(err)) if "no such object" in str(err) else err) from e
+    try:
+        return open(local_path(uri), "rb")
+    except FileNotFoundError as e:
+        raise NotFound(f"read {uri} failed: no such file") from e
     except OSError as e:
         raise StorageError(f"read {uri} failed: {e.strerror or e}") from e
 

@@ -93,23 +93,10 @@ def open_stream(uri: str):
 
     A missing object raises CorruptShardError (retrying cannot help); other failures raise StorageError.
     """
-    uri = str(uri)
-    if not storage.is_s3(uri):
-        try:
-            return open(storage.local_path(uri), "rb")
-        except FileNotFoundError as e:
-            raise CorruptShardError(f"{uri}: missing (no such file)") from e
-        except OSError as e:
-            raise storage.StorageError(f"read {uri} failed: {e.strerror or e}") from e
-    bucket, key = storage.split_s3(uri)
     try:
-        # storage has no public streaming read yet: use its per-process client (created lazily, fork-safe).
-        return storage._client().get_object(Bucket=bucket, Key=key)["Body"]
-    except Exception as e:
-        code = getattr(e, "response", {}).get("Error", {}).get("Code", "") if hasattr(e, "response") else ""
-        if code in ("NoSuchKey", "404", "NotFound"):
-            raise CorruptShardError(f"{uri}: missing (no such object)") from e
-        raise storage._s3_error(uri, "read", e) from e
+        return storage.open_read(uri)
+    except storage.NotFound as e:
+        raise CorruptShardError(f"{uri}: missing ({e})") from e
 
 
 class _CountingReader:
