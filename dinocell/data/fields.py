@@ -334,6 +334,19 @@ def field_to_sample(field: Field) -> dict:
     }
 
 
+def _stack(images: list) -> Any:
+    """torch.stack, straight into shared memory inside a DataLoader worker (as default_collate does): the batch
+    (about 93 MB for 64 fields of 5x540x540) then crosses to the main process without a second copy."""
+    import torch
+
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(images)
+    numel = sum(t.numel() for t in images)
+    shared = images[0].untyped_storage()._new_shared(numel * images[0].element_size())
+    out = images[0].new(shared).resize_(len(images), *images[0].shape)
+    return torch.stack(images, out=out)
+
+
 def collate_fields(samples: Sequence[Any]) -> dict:
     """Batch per-field samples (dicts from `field_to_sample` / the data streams, or Field objects).
 
@@ -369,7 +382,7 @@ def collate_fields(samples: Sequence[Any]) -> dict:
             )
         images.append(img)
     return {
-        "images": torch.stack(images),
+        "images": _stack(images),
         "channels": channels,
         "channel_ids": torch.tensor(channel_ids_of(channels), dtype=torch.long),
         "field_ids": [s["field_id"] for s in samples],
