@@ -115,6 +115,8 @@ def cmd_evaluate(args) -> int:
     from dinocell.eval.run import evaluate_cli
 
     cfg = _load_cfg(args)
+    if args.channels:
+        args.channels = [c.strip() for c in args.channels.split(",") if c.strip()]
     return evaluate_cli(cfg, args)
 
 
@@ -192,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", default=None)
     p.add_argument("--out", required=True, help="report directory or s3:// prefix")
     p.add_argument("--baseline", default="init", help="'init' (the initial weights), 'none', or a checkpoint URI")
+    p.add_argument("--max-fields", type=int, default=None, help="held-out fields to embed (default 256)")
+    p.add_argument("--channels", default=None, help="comma-separated channels (default: the manifest's)")
+    p.add_argument("--size", type=int, default=None, help="view size in pixels (default: the global crop size)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    p.add_argument("--split", default=None, help="manifest split to evaluate (default: val)")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("publish", help="publish a checkpoint's teacher backbone as a versioned model")
