@@ -1001,7 +1001,8 @@ def _finish(cfg: DataConfig, channels: Sequence[str], mode: str, g: _Gathered) -
         "split": _dictionary(split_code[group], ["train", "val"]),
     }
     arrays.update({f"uri_{c}": final.column(f"uri_{c}") for c in channels})
-    arrays.update({f"illum_{c}": illum[c] for c in channels})
+    # Illum URIs repeat per plate: dictionary-encode them (about 1.8 GB less memory at 3M fields).
+    arrays.update({f"illum_{c}": pc.dictionary_encode(_arr(illum[c])) for c in channels})
     manifest = Manifest(pa.table(arrays), channels)
     per_group = np.bincount(group, minlength=len(keys.plates))
     per_plate: dict[str, dict[str, int]] = {}
