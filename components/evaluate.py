@@ -1,0 +1,43 @@
+"""KFP component: channel-consistency evaluation of the checkpoint (dinocell.steps.evaluate_step).
+
+Outputs: one KFP metric per scalar (Metrics), the HTML report with its images embedded (HTML), the summary table
+(Markdown), and the URI of metrics.json as the return value (for the publish step).
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(
+    config: str,
+    overrides: list,
+    manifest: Input[Dataset],
+    checkpoint: Input[Model],
+    output_root: str,
+    run_name: str,
+    job_id: str,
+    baseline: str,
+    s3_endpoint: str,
+    s3_anonymous: bool,
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    summary: Output[Markdown],
+) -> str:
+    from dinocell import steps
+
+    layout = steps.RunLayout.for_run(output_root, run_name, job_id)
+    out = steps.evaluate_step(
+        config, overrides, checkpoint_uri=steps.read_pointer(checkpoint.metadata, checkpoint.path, "checkpoint"),
+        manifest_uri=steps.read_pointer(manifest.metadata, manifest.path, "manifest"), out_uri=layout.eval,
+        baseline=baseline, endpoint_url=s3_endpoint, anonymous=s3_anonymous,
+    )
+    for name, value in out.scalars.items():
+        metrics.log_metric(name, value)
+    with open(report.path, "w") as f:
+        f.write(out.report_html(inline=True))
+    with open(summary.path, "w") as f:
+        f.write(out.summary_md)
+    return out.metrics_uri

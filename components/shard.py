@@ -1,0 +1,28 @@
+"""KFP component: preprocess the manifest's training fields into tar shards (dinocell.steps.shard_step)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def shard(
+    config: str,
+    overrides: list,
+    manifest: Input[Dataset],
+    output_root: str,
+    run_name: str,
+    job_id: str,
+    s3_endpoint: str,
+    s3_anonymous: bool,
+    shards: Output[Dataset],
+):
+    from dinocell import steps
+
+    layout = steps.RunLayout.for_run(output_root, run_name, job_id)
+    out = steps.shard_step(
+        config, overrides, manifest_uri=steps.read_pointer(manifest.metadata, manifest.path, "manifest"),
+        shards_prefix=layout.shards, endpoint_url=s3_endpoint, anonymous=s3_anonymous,
+    )
+    shards.metadata.update(steps.write_pointer(shards.path, out.index_uri, **out.metadata()))

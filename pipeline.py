@@ -1,0 +1,398 @@
+"""The dinocell Kubeflow pipeline (KFP v2): discover -> shard -> train -> evaluate -> publish.
+
+    python pipeline.py compile [--output pipeline.yaml] [--local-gpus N --local-node-selector K=V ...]
+    python pipeline.py run --local [--endpoint URL --source S3_ROOT --outputs S3_PREFIX] [--config tiny] [--set k=v]
+    python pipeline.py submit --host URL [--experiment E] [--run-name R] [--package pipeline.yaml] [key=value ...]
+
+`submit` is the Python twin of the KFP CLI line (both need a live endpoint):
+
+    kfp --endpoint URL run create -e EXPERIMENT -r RUN -f pipeline.yaml output_root=s3://bucket/dinocell backend=pytorchjob
+
+Values are JSON where the parameter is a list or mapping, e.g. `overrides='["train.max_iters=100"]'`,
+`node_selector='{"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}'`.
+
+The pipeline is flat (five tasks, no nested pipelines or exit handlers). Steps exchange object-storage URIs: each
+writes its data under `<output_root>/<run id>/` (dinocell.steps.RunLayout) and puts the URI in its output artifact's
+metadata and in a small pointer file. Run id = `run_name`, or the KFP run's id when that is empty (a rerun with the
+same run_name resumes the shards and the training run).
+
+Training: `backend=pytorchjob|trainjob` (default) makes the train task a launcher that creates a Kubernetes job whose
+pods request `gpus_per_node` GPUs on `nodes` nodes (image `train_image`, placed by `node_selector`/`tolerations`,
+credentials from the Secret `secret_name`); the launcher pod requests no GPU. `backend=local` trains inside the train
+task's own pod: compile with `--local-gpus N` (plus `--local-node-selector` / `--local-toleration`) so that the pod
+gets the GPUs and runs on the CUDA training image, e.g.
+
+    python pipeline.py compile --local-gpus 1 --local-node-selector nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3 \\
+        --local-toleration nvidia.com/gpu:NoSchedule
+
+Every step pod gets AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (required) and AWS_ENDPOINT_URL (optional) from the
+Secret named by the `secret_name` parameter (kfp-kubernetes use_secret_as_env); `--no-secret` leaves that out for
+clusters that provide credentials otherwise (e.g. IAM roles for service accounts).
+
+Storage: one endpoint (`s3_endpoint`, else AWS_ENDPOINT_URL from the Secret, else AWS) serves both the source and
+the outputs. `s3_anonymous=true` makes every request unsigned, writes included, so it only suits a setup whose output
+bucket accepts that; with credentials, signed requests read a public source bucket (e.g. cellpainting-gallery) as well.
+
+Locally (`run --local`, dinocell.demo), kfp.local runs each component in a subprocess of this Python
+(SubprocessRunner(use_venv=False)); cluster-only settings (secrets, GPUs, placement) are ignored there.
+(No `from __future__ import annotations` here or in components/: KFP reads the real type annotations.)
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler, dsl
+from kfp import kubernetes as kfp_k8s
+
+from components import TRAIN_IMAGE, discover, evaluate, publish, shard, train
+from dinocell import steps
+
+PIPELINE_NAME = "dinocell-pretrain"
+DEFAULT_IMAGES_PREFIX = "s3://cellpainting-gallery/cpg0000-jump-pilot/source_4/images/"
+DEFAULT_OUTPUT_ROOT = "s3://dinocell/runs"
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+OPTIONAL_CREDENTIAL_KEYS = ("AWS_ENDPOINT_URL",)  # absent for AWS S3 itself
+
+
+@dataclass
+class TaskOptions:
+    """Compile-time settings of the step pods themselves (not of the training job's pods, which are parameters)."""
+
+    use_secret: bool = True  # storage credentials from the `secret_name` Secret as env on every step
+    local_gpus: int = 0  # accelerator on the train task: for backend=local on a cluster
+    accelerator_type: str = "nvidia.com/gpu"
+    local_image: str = ""  # image of the train task when it has GPUs (default: the CUDA training image)
+    local_node_selector: dict[str, str] = field(default_factory=dict)  # train task placement (backend=local)
+    local_tolerations: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.local_gpus, bool) or not isinstance(self.local_gpus, int) or self.local_gpus < 0:
+            raise ValueError(f"TaskOptions.local_gpus must be an integer >= 0, got {self.local_gpus!r}")
+        for i, tol in enumerate(self.local_tolerations):
+            unknown = set(tol) - {"key", "operator", "value", "effect", "toleration_seconds"}
+            if unknown:
+                raise ValueError(f"TaskOptions.local_tolerations[{i}]: unknown key(s) {sorted(unknown)}")
+
+
+def make_pipeline(options: TaskOptions | None = None) -> Callable:
+    """The pipeline function, with the step pods configured by `options`."""
+    opts = options or TaskOptions()
+
+    def pod_settings(task, secret_name) -> None:
+        if opts.use_secret:
+            kfp_k8s.use_secret_as_env(task, secret_name=secret_name,
+                                      secret_key_to_env={k: k for k in CREDENTIAL_KEYS})
+            kfp_k8s.use_secret_as_env(task, secret_name=secret_name,
+                                      secret_key_to_env={k: k for k in OPTIONAL_CREDENTIAL_KEYS}, optional=True)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=(
+        "Continued DINOv3 pretraining on JUMP Cell Painting with multi-view channel consistency: discover fields, "
+        "shard, train (local / PyTorchJob / TrainJob), evaluate, publish."))
+    def dinocell_pipeline(
+        images_prefix: str = DEFAULT_IMAGES_PREFIX,
+        load_data: list = [],  # noqa: B006 - KFP reads the default from the signature
+        discovery_mode: str = "auto",
+        s3_endpoint: str = "",
+        s3_anonymous: bool = False,
+        config: str = "vits8_jump",
+        overrides: list = [],  # noqa: B006
+        output_root: str = DEFAULT_OUTPUT_ROOT,
+        run_name: str = "",
+        backend: str = "pytorchjob",
+        nodes: int = 1,
+        gpus_per_node: int = 1,
+        nproc_per_node: int = 0,
+        train_image: str = TRAIN_IMAGE,
+        node_selector: dict = {},  # noqa: B006
+        tolerations: list = [],  # noqa: B006
+        secret_name: str = steps.DEFAULT_SECRET,
+        namespace: str = "",
+        cpu_per_node: str = "",
+        memory_per_node: str = "",
+        train_timeout_hours: float = 0.0,
+        eval_baseline: str = "init",
+        models_prefix: str = "",
+        model_name: str = "dinocell-vits8",
+        model_version: str = "",
+    ):
+        run = {"output_root": output_root, "run_name": run_name, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+        s3 = {"s3_endpoint": s3_endpoint, "s3_anonymous": s3_anonymous}
+        cfg = {"config": config, "overrides": overrides}
+
+        d = discover(images_prefix=images_prefix, load_data=load_data, mode=discovery_mode, **cfg, **run, **s3)
+        d.set_display_name("discover fields")
+        s = shard(manifest=d.outputs["manifest"], **cfg, **run, **s3)
+        s.set_display_name("shard")
+        t = train(manifest=d.outputs["manifest"], shards=s.outputs["shards"], backend=backend, nodes=nodes,
+                  gpus_per_node=gpus_per_node, nproc_per_node=nproc_per_node, train_image=train_image,
+                  node_selector=node_selector, tolerations=tolerations, secret_name=secret_name,
+                  namespace=namespace, cpu_per_node=cpu_per_node, memory_per_node=memory_per_node,
+                  timeout_hours=train_timeout_hours, **cfg, **run, **s3)
+        t.set_display_name("train")
+        # A finished training run must not be skipped or replayed from cache by a later submission.
+        t.set_caching_options(False)
+        if opts.local_gpus:
+            # Training in the task's own pod: it needs the GPUs and the CUDA image (which holds kfp too).
+            t.set_accelerator_type(opts.accelerator_type).set_accelerator_limit(opts.local_gpus)
+            t.set_container_image(opts.local_image or TRAIN_IMAGE)
+        for key, value in opts.local_node_selector.items():
+            kfp_k8s.add_node_selector(t, label_key=key, label_value=value)
+        for tol in opts.local_tolerations:
+            kfp_k8s.add_toleration(t, **tol)
+        e = evaluate(manifest=d.outputs["manifest"], checkpoint=t.outputs["checkpoint"], baseline=eval_baseline,
+                     **cfg, **run, **s3)
+        e.set_display_name("evaluate")
+        p = publish(checkpoint=t.outputs["checkpoint"], metrics_uri=e.outputs["Output"], models_prefix=models_prefix,
+                    model_name=model_name, model_version=model_version, **cfg, **run, **s3)
+        p.set_display_name("publish")
+        for task in (d, s, t, e, p):
+            pod_settings(task, secret_name)
+
+    return dinocell_pipeline
+
+
+dinocell_pipeline = make_pipeline()
+
+
+def compile_pipeline(output: str | os.PathLike = "pipeline.yaml", options: TaskOptions | None = None) -> Path:
+    """Write the KFP IR YAML; returns its path."""
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(make_pipeline(options), package_path=str(out))
+    return out
+
+
+# --------------------------------------------------------------------------- arguments for submit
+
+
+def pipeline_parameters(package: str | os.PathLike) -> dict[str, dict]:
+    """The root input parameters of a compiled pipeline: name -> {"type": KFP parameterType, "default": ...}."""
+    import yaml
+
+    with open(package) as f:
+        docs = list(yaml.safe_load_all(f))
+    spec = docs[0]
+    params = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    return {name: {"type": p.get("parameterType"), "default": p.get("defaultValue")} for name, p in params.items()}
+
+
+def parse_arguments(items: Sequence[str], parameters: dict[str, dict]) -> dict[str, Any]:
+    """`key=value` strings -> arguments typed by the pipeline's declared parameter types.
+
+    Unlike a blind JSON parse, a string parameter stays a string (`model_version=1.0` is "1.0", not 1.0).
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise ValueError(f"argument {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        if key not in parameters:
+            raise ValueError(f"argument {key!r} is not a pipeline parameter; known: {', '.join(sorted(parameters))}")
+        kind = parameters[key]["type"]
+        try:
+            if kind == "STRING":
+                value: Any = raw
+            elif kind == "NUMBER_INTEGER":
+                value = int(raw)
+            elif kind == "NUMBER_DOUBLE":
+                value = float(raw)
+            elif kind == "BOOLEAN":
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError("expected true or false")
+                value = raw.lower() in ("true", "1", "yes")
+            elif kind == "LIST":
+                value = json.loads(raw)
+                if not isinstance(value, list):
+                    raise ValueError("expected a JSON list")
+            elif kind == "STRUCT":
+                value = json.loads(raw)
+                if not isinstance(value, dict):
+                    raise ValueError("expected a JSON object")
+            else:
+                value = raw
+        except (ValueError, json.JSONDecodeError) as e:
+            raise ValueError(f"argument {key}={raw!r}: parameter type {kind}: {e}") from None
+        out[key] = value
+    return out
+
+
+def submit(host: str, arguments: Sequence[str] = (), experiment: str = "dinocell", run_name: str = "",
+           package: str | os.PathLike | None = None, namespace: str | None = None, options: TaskOptions | None = None):
+    """Submit a run to a KFP endpoint (kfp.Client.create_run_from_pipeline_package); returns the RunPipelineResult."""
+    import kfp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(package) if package else compile_pipeline(Path(tmp) / "pipeline.yaml", options)
+        args = parse_arguments(arguments, pipeline_parameters(path))
+        client = kfp.Client(host=host, namespace=namespace)
+        return client.create_run_from_pipeline_package(
+            str(path), arguments=args, run_name=run_name or None, experiment_name=experiment, namespace=namespace)
+
+
+# --------------------------------------------------------------------------- local run
+
+
+def local_arguments(source: str, outputs: str, config: str, overrides: Any, endpoint_url: str, run_name: str,
+                    model_name: str, model_version: str, anonymous: bool = False, **extra: Any) -> dict[str, Any]:
+    """Pipeline arguments for a run on this machine: the local training backend, no GPUs."""
+    args = {
+        "images_prefix": steps.storage.join(source, "images") + "/",
+        "output_root": outputs,
+        "run_name": run_name,
+        "config": config,
+        "overrides": steps.parse_overrides(overrides),
+        "s3_endpoint": endpoint_url or "",
+        "s3_anonymous": bool(anonymous),
+        "backend": "local",
+        "gpus_per_node": 0,
+        "model_name": model_name,
+        "model_version": model_version,
+    }
+    args.update(extra)
+    return args
+
+
+def run_local(source: str, outputs: str, workdir: str | os.PathLike, config: str = "tiny", overrides: Any = (),
+              endpoint_url: str = "", *, run_name: str = "", model_name: str = "dinocell-demo",
+              model_version: str = "", anonymous: bool = False, **params: Any) -> steps.PipelineOutcome:
+    """Run the whole pipeline on this machine with kfp.local (one subprocess per step, this Python's packages).
+
+    `source`: source root of a JUMP-layout bucket (its `images/` and `workspace/` live under it); `outputs`: the output
+    root; KFP's own local outputs go to `<workdir>/kfp`, and the evaluation folder (report.html + images) is copied to
+    `<workdir>/eval`. Extra keyword arguments are further pipeline parameters.
+    """
+    from kfp import local
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_name = run_name or time.strftime("local-%Y%m%d-%H%M%S", time.gmtime())
+    steps.configure_storage(endpoint_url, anonymous)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"))
+    args = local_arguments(source, outputs, config, overrides, endpoint_url, run_name, model_name, model_version,
+                           anonymous, **params)
+    with warnings.catch_warnings():
+        # The subprocess runner warns about image names without "python"; locally the image is not used at all.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+        # Cluster-only task settings (display names, caching, secrets, GPUs) are no-ops here, as documented.
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*", category=UserWarning)
+        dinocell_pipeline(**args)
+    layout = steps.RunLayout(outputs, run_name, params.get("models_prefix", ""))
+    return steps.collect_outcome(layout, model_name, layout.model_version(model_version), workdir)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _kv(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    k, v = text.split("=", 1)
+    return k, v
+
+
+def _toleration(text: str) -> dict:
+    """KEY[=VALUE][:EFFECT] -> a toleration (operator Equal with a value, Exists without)."""
+    spec, _, effect = text.partition(":")
+    key, eq, value = spec.partition("=")
+    tol: dict[str, Any] = {"key": key or None, "operator": "Equal" if eq else "Exists"}
+    if eq:
+        tol["value"] = value
+    if effect:
+        if effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+            raise argparse.ArgumentTypeError(f"{text!r}: effect must be NoSchedule, PreferNoSchedule or NoExecute")
+        tol["effect"] = effect
+    return tol
+
+
+def _options(args) -> TaskOptions:
+    return TaskOptions(use_secret=not args.no_secret, local_gpus=args.local_gpus, local_image=args.local_image,
+                       local_node_selector=dict(args.local_node_selector), local_tolerations=list(args.local_toleration))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python pipeline.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def task_options(p):
+        p.add_argument("--no-secret", action="store_true", help="do not mount the storage Secret into the step pods")
+        p.add_argument("--local-gpus", type=int, default=0, help="GPUs for the train task itself (backend=local)")
+        p.add_argument("--local-image", default="", help="image of the train task when --local-gpus is set "
+                       f"(default: {TRAIN_IMAGE})")
+        p.add_argument("--local-node-selector", type=_kv, action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--local-toleration", type=_toleration, action="append", default=[],
+                       metavar="KEY[=VALUE][:EFFECT]")
+
+    p = sub.add_parser("compile", help="write the pipeline IR YAML")
+    p.add_argument("--output", default="pipeline.yaml")
+    task_options(p)
+
+    p = sub.add_parser("run", help="run the pipeline on this machine (kfp.local)")
+    p.add_argument("--local", action="store_true", required=True, help="run locally (the only mode here)")
+    p.add_argument("--endpoint", default="", help="S3 endpoint holding --source and --outputs; "
+                   "without it a local S3 server is started with a synthetic bucket (as `make demo`)")
+    p.add_argument("--source", default="", help="source root, e.g. s3://bucket/cpg0000-jump-pilot/source_4")
+    p.add_argument("--outputs", default="", help="output root, e.g. s3://bucket/dinocell")
+    p.add_argument("--anonymous", action="store_true", help="unsigned S3 requests (public buckets only)")
+    p.add_argument("--workdir", default="demo")
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--run-name", default="")
+    p.add_argument("--model-name", default="dinocell-demo")
+    p.add_argument("--model-version", default="")
+
+    p = sub.add_parser("submit", help="submit a run to a KFP endpoint")
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    p.add_argument("--experiment", default="dinocell")
+    p.add_argument("--run-name", default="")
+    p.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
+    p.add_argument("--package", default=None, help="a compiled pipeline.yaml (default: compile now)")
+    p.add_argument("arguments", nargs="*", metavar="KEY=VALUE", help="pipeline parameters")
+    task_options(p)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "compile":
+        out = compile_pipeline(args.output, _options(args))
+        print(f"wrote {out}")
+        return 0
+    if args.command == "run":
+        if not args.endpoint:
+            if args.source or args.outputs:
+                raise SystemExit("pipeline.py run: --source/--outputs need --endpoint (without it the demo bucket is used)")
+            from dinocell import demo
+
+            demo_args = ["--workdir", args.workdir, "--config", args.config, "--model-name", args.model_name]
+            demo_args += [a for o in args.overrides for a in ("--set", o)]
+            if args.run_name:
+                demo_args += ["--run-name", args.run_name]
+            if args.model_version:
+                demo_args += ["--model-version", args.model_version]
+            return demo.main(demo_args)
+        if not (args.source and args.outputs):
+            raise SystemExit("pipeline.py run --endpoint: give --source and --outputs")
+        outcome = run_local(args.source, args.outputs, args.workdir, args.config, args.overrides, args.endpoint,
+                            run_name=args.run_name, model_name=args.model_name, model_version=args.model_version,
+                            anonymous=args.anonymous)
+        print(outcome.format())
+        return 0
+    result = submit(args.host, args.arguments, args.experiment, args.run_name, args.package, args.namespace,
+                    _options(args))
+    print(f"submitted run {getattr(result, 'run_id', result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
