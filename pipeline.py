@@ -29,9 +29,10 @@ Every step pod gets AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (required) and AWS
 Secret named by the `secret_name` parameter (kfp-kubernetes use_secret_as_env); `--no-secret` leaves that out for
 clusters that provide credentials otherwise (e.g. IAM roles for service accounts).
 
-Storage: one endpoint (`s3_endpoint`, else AWS_ENDPOINT_URL from the Secret, else AWS) serves both the source and
-the outputs. `s3_anonymous=true` makes every request unsigned, writes included, so it only suits a setup whose output
-bucket accepts that; with credentials, signed requests read a public source bucket (e.g. cellpainting-gallery) as well.
+Storage: `s3_endpoint` (else AWS_ENDPOINT_URL from the Secret, else AWS) and `s3_anonymous` are the defaults for every
+bucket. To read the public gallery anonymously from AWS while writing outputs to an in-cluster MinIO, give per-bucket
+settings in the training config's `storage.buckets` (or as an override), e.g.
+`storage.buckets={cellpainting-gallery: {anonymous: true, endpoint_url: ""}}` ("" = AWS itself).
 
 Locally (`run --local`, dinocell.demo), kfp.local runs each component in a subprocess of this Python
 (SubprocessRunner(use_venv=False)); cluster-only settings (secrets, GPUs, placement) are ignored there.

@@ -34,6 +34,9 @@ class LocalS3Server:
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "LocalS3Server":
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
         for k, v in LOCAL_CREDENTIALS.items():
             os.environ.setdefault(k, v)
         self._server.start()

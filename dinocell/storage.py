@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -68,6 +68,32 @@ class StorageConfig:
     max_attempts: int = 10  # adaptive retry mode: backoff with jitter + client-side rate limiting on throttling
     max_workers: int = 16  # bounded thread pool for parallel fetches
     max_pool_connections: int = 64
+    # Per-bucket overrides of endpoint_url / anonymous / region, e.g. read the public gallery anonymously from AWS
+    # while writing outputs to an in-cluster MinIO with credentials:
+    #   buckets: {cellpainting-gallery: {anonymous: true, endpoint_url: "https://s3.amazonaws.com"}}
+    buckets: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def validate(self) -> None:
+        allowed = {"endpoint_url", "anonymous", "region"}
+        for bucket, over in self.buckets.items():
+            if not isinstance(over, dict):
+                raise ValueError(f"buckets.{bucket}: expected a mapping of {sorted(allowed)}, got {over!r}")
+            unknown = set(over) - allowed
+            if unknown:
+                raise ValueError(f"buckets.{bucket}: unknown field(s) {sorted(unknown)} (allowed: {sorted(allowed)})")
+            if "anonymous" in over and not isinstance(over["anonymous"], bool):
+                raise ValueError(f"buckets.{bucket}.anonymous: expected true/false, got {over['anonymous']!r}")
+
+    def for_bucket(self, bucket: str) -> "StorageConfig":
+        """The resolved settings that apply to one bucket (its override on top of the global ones)."""
+        over = self.buckets.get(bucket)
+        if not over:
+            return self.resolved()
+        rest = {k: v for k, v in over.items() if k != "endpoint_url"}
+        out = replace(self, buckets={}, **rest).resolved()
+        if "endpoint_url" in over:  # explicit, even "" (= AWS itself), wins over AWS_ENDPOINT_URL
+            out = replace(out, endpoint_url=over["endpoint_url"] or None)
+        return out
 
     def resolved(self) -> "StorageConfig":
         endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -165,9 +191,9 @@ def local_path(uri: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- S3 client
 
 
-def _client():
-    """The boto3 S3 client for this process and thread configuration, created lazily; re-created after fork."""
-    cfg = get_config()
+def _client(bucket: str = ""):
+    """The boto3 S3 client for this process and the bucket's settings, created lazily; re-created after fork."""
+    cfg = _config.for_bucket(bucket)
     key = (os.getpid(), cfg)
     client = _client_cache.get(key)
     if client is not None:
@@ -198,14 +224,14 @@ def _client():
     return client
 
 
-def _s3_error(uri: str, op: str, err: Exception) -> StorageError:
+def _s3_error(uri: str, op: str, err: Exception) -> StorageError:  # noqa: C901 - a flat table of hints
     code = ""
     resp = getattr(err, "response", None)
     if isinstance(resp, dict):
         code = resp.get("Error", {}).get("Code", "")
     hint = ""
     if code in ("AccessDenied", "403", "Forbidden"):
-        cfg = get_config()
+        cfg = _config.for_bucket(split_s3(uri)[0]) if is_s3(uri) else get_config()
         hint = (
             " (access denied: the bucket is private; anonymous access only works on public-read buckets)"
             if cfg.anonymous
@@ -226,7 +252,7 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            return _client(bucket).get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as e:  # botocore raises many types; normalise them into one message with the URI
             raise _s3_error(uri, "read", e) from e
     try:
@@ -248,7 +274,7 @@ def open_read(uri: str | os.PathLike):
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            return _client().get_object(Bucket=bucket, Key=key)["Body"]
+            return _client(bucket).get_object(Bucket=bucket, Key=key)["Body"]
         except Exception as e:
             err = _s3_error(uri, "read", e)
             raise (NotFound(str(err)) if "no such object" in str(err) else err) from e
@@ -270,7 +296,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            _client().put_object(Bucket=bucket, Key=key, Body=data)
+            _client(bucket).put_object(Bucket=bucket, Key=key, Body=data)
         except Exception as e:
             raise _s3_error(uri, "write", e) from e
         return
@@ -299,7 +325,7 @@ def upload_file(local: str | os.PathLike, uri: str | os.PathLike) -> None:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            _client().upload_file(str(local), bucket, key)
+            _client(bucket).upload_file(str(local), bucket, key)
         except Exception as e:
             raise _s3_error(uri, "upload", e) from e
         return
@@ -326,7 +352,7 @@ def download_file(uri: str | os.PathLike, local: str | os.PathLike) -> None:
         if is_s3(uri):
             bucket, key = split_s3(uri)
             try:
-                _client().download_file(bucket, key, tmp)
+                _client(bucket).download_file(bucket, key, tmp)
             except Exception as e:
                 raise _s3_error(uri, "download", e) from e
         else:
@@ -342,7 +368,7 @@ def exists(uri: str | os.PathLike) -> bool:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            _client().head_object(Bucket=bucket, Key=key)
+            _client(bucket).head_object(Bucket=bucket, Key=key)
             return True
         except Exception as e:
             code = getattr(e, "response", {}).get("Error", {}).get("Code", "") if hasattr(e, "response") else ""
@@ -357,7 +383,7 @@ def delete(uri: str | os.PathLike) -> None:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            _client().delete_object(Bucket=bucket, Key=key)
+            _client(bucket).delete_object(Bucket=bucket, Key=key)
         except Exception as e:
             raise _s3_error(uri, "delete", e) from e
         return
@@ -375,7 +401,7 @@ def list_objects(prefix: str | os.PathLike) -> Iterator[ObjectInfo]:
     prefix = str(prefix)
     if is_s3(prefix):
         bucket, key = split_s3(prefix)
-        paginator = _client().get_paginator("list_objects_v2")
+        paginator = _client(bucket).get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=key):
                 for obj in page.get("Contents", []):
@@ -408,7 +434,7 @@ def list_prefixes(prefix: str | os.PathLike) -> list[str]:
             prefix += "/"
         bucket, key = split_s3(prefix)
         out: list[str] = []
-        paginator = _client().get_paginator("list_objects_v2")
+        paginator = _client(bucket).get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/"):
                 out.extend(f"s3://{bucket}/{p['Prefix']}" for p in page.get("CommonPrefixes", []))

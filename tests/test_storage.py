@@ -78,3 +78,27 @@ def test_errors_never_contain_credentials(s3_bucket):
     with pytest.raises(storage.StorageError) as e:
         storage.read_bytes(f"s3://{s3_bucket}/absent")
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(e.value)
+
+
+def test_per_bucket_overrides(s3_server, public_bucket, s3_bucket):
+    """The public source read anonymously while outputs are written with credentials, in one process."""
+    storage.write_bytes(f"s3://{public_bucket}/k", b"pub")
+    storage.configure(storage.StorageConfig(endpoint_url=s3_server.endpoint_url, anonymous=False,
+                                            buckets={public_bucket: {"anonymous": True}}))
+    assert storage.read_bytes(f"s3://{public_bucket}/k") == b"pub"
+    assert storage._client(public_bucket) is not storage._client(s3_bucket)
+    storage.write_bytes(f"s3://{s3_bucket}/out", b"signed")  # anonymous writes would be refused
+    assert storage.read_bytes(f"s3://{s3_bucket}/out") == b"signed"
+    # An explicit empty endpoint means AWS itself, not the AWS_ENDPOINT_URL of the environment.
+    cfg = storage.StorageConfig(endpoint_url=s3_server.endpoint_url, buckets={"gallery": {"endpoint_url": ""}})
+    assert cfg.for_bucket("gallery").endpoint_url is None
+    assert cfg.for_bucket("other").endpoint_url == s3_server.endpoint_url
+
+
+def test_per_bucket_override_validation():
+    from dinocell.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="buckets.b: unknown field"):
+        load_config(None, ["storage.buckets={b: {anonymus: true}}"])
+    cfg = load_config(None, ["storage.buckets={b: {anonymous: true}}"])
+    assert cfg.storage.for_bucket("b").anonymous is True
