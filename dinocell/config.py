@@ -137,7 +137,7 @@ def _ensure_sections_loaded() -> None:
 
 
 # Modules that call register_section at import time.
-_SECTION_MODULES: list[str] = []
+_SECTION_MODULES: list[str] = ["dinocell.train.config"]
 
 
 def _to_plain(obj: Any) -> Any:
