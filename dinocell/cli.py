@@ -15,6 +15,7 @@ Every subcommand takes `--config` (a path, s3:// URI or packaged name such as `t
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -107,7 +108,9 @@ def cmd_pretrain(args) -> int:
     from dinocell.train.trainer import pretrain
 
     cfg = _load_cfg(args)
-    pretrain(cfg)
+    result = pretrain(cfg)
+    if result is not None and os.environ.get("RANK", "0") == "0":
+        print(f"final checkpoint: {result.final_checkpoint}\nrun directory: {result.run_dir}")
     return 0
 
 

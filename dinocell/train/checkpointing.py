@@ -366,7 +366,9 @@ def capture_rng_state() -> dict:
     py_version, py_internal, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None,
+        # Only this process's current device: get_rng_state_all() would create a CUDA context on every visible GPU
+        # in every rank (8 contexts per process on an 8-GPU node).
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "numpy": {
             "bit_generator": np_state[0],
             "key": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -387,15 +389,11 @@ def restore_rng_state(state: dict) -> None:
         raise KeyError(f"restore_rng_state: RNG state lacks {missing} (keys present: {sorted(state)})")
     torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
     cuda = state.get("cuda")
-    if cuda:
+    if cuda is not None:
         if not torch.cuda.is_available():
-            log.warning("checkpoint carries CUDA RNG states but CUDA is not available: not restored")
+            log.warning("checkpoint carries a CUDA RNG state but CUDA is not available: not restored")
         else:
-            n = torch.cuda.device_count()
-            if n != len(cuda):
-                log.warning("checkpoint carries %d CUDA RNG states, this process sees %d devices", len(cuda), n)
-            for i, s in enumerate(cuda[:n]):
-                torch.cuda.set_rng_state(s.cpu().to(torch.uint8), device=i)
+            torch.cuda.set_rng_state(cuda.cpu().to(torch.uint8))  # the current device (LOCAL_RANK's)
     npd = state["numpy"]
     key = npd["key"].numpy() if isinstance(npd["key"], torch.Tensor) else np.asarray(npd["key"])
     np.random.set_state(
