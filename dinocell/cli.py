@@ -15,8 +15,8 @@ Every subcommand takes `--config` (a path, s3:// URI or packaged name such as `t
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 import time
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 # Credentials for the local server only: moto accepts any; boto3 refuses to sign without some.
 LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "dinocell-local", "AWS_SECRET_ACCESS_KEY": "dinocell-local"}

@@ -21,10 +21,10 @@ import posixpath
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 __all__ = [
     "StorageConfig",

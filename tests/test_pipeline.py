@@ -17,9 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pipeline as pl  # the repo-root pipeline.py
-from components import IMAGE, TRAIN_IMAGE
-from dinocell import steps, storage
+import pipeline as pl  # noqa: E402  (the repo-root pipeline.py)
+from components import IMAGE, TRAIN_IMAGE  # noqa: E402
+from dinocell import steps, storage  # noqa: E402
 
 COMPONENTS = ("discover", "shard", "train", "evaluate", "publish")
 EXPECTED_PARAMETERS = {
@@ -66,7 +66,7 @@ def test_compiled_pipeline_structure(tmp_path):
     assert arts["manifest"]["taskOutputArtifact"] == {"outputArtifactKey": "manifest", "producerTask": "discover"}
     assert tasks["publish"]["inputs"]["parameters"]["metrics_uri"]["taskOutputParameter"] == {
         "outputParameterKey": "Output", "producerTask": "evaluate"}
-    for name, task in tasks.items():  # every step names its run by the KFP job id when run_name is empty
+    for task in tasks.values():  # every step names its run by the KFP job id when run_name is empty
         assert task["inputs"]["parameters"]["job_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
         assert task["inputs"]["parameters"]["run_name"]["componentInputParameter"] == "run_name"
     assert tasks["train"]["cachingOptions"] == {}  # caching off: a finished run is never replayed from cache

@@ -92,7 +92,7 @@ def test_lru_eviction_order_counters_and_oversize():
 def test_lru_byte_bound_never_exceeded():
     rng = np.random.default_rng(0)
     c = LRUCache(1000)
-    for step in range(3000):
+    for _ in range(3000):
         key = int(rng.integers(0, 200))
         if rng.random() < 0.5:
             size = int(rng.integers(1, 400))

@@ -529,6 +529,8 @@ def test_s3_bucket_holds_the_same_keys_and_bytes_as_the_local_form(s3_bucket, tm
         for ch in ALL_CHANNELS:
             assert row[f"URL_Orig{ch}"].startswith(s3_root + "/images/")
             assert row[f"URL_Illum{ch}"].startswith(s3_root + "/images/")
-    strip = lambda r, root: sorted(f.uri[len(root) :] for f in r.faults)
+    def strip(r, root):
+        return sorted(f.uri[len(root) :] for f in r.faults)
+
     assert strip(rs3, s3_root) == strip(rlocal, str(local_root))
     assert rs3.n_bytes == sum(s3_keys.values())

@@ -186,7 +186,7 @@ def _existing_manifest(version_uri: str) -> dict | None:
     try:
         return json.loads(storage.read_bytes(uri))
     except (ValueError, UnicodeDecodeError) as e:
-        raise PublishError(f"publish: {uri} exists but is not valid JSON ({e}); refusing to touch that version")
+        raise PublishError(f"publish: {uri} exists but is not valid JSON ({e}); refusing to touch that version") from e
 
 
 def _verify_remote(version_uri: str, entries: dict[str, dict]) -> None:

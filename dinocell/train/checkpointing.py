@@ -198,7 +198,7 @@ class CheckpointManager:
             return
         older = self.list()[: -self.keep_last]  # everything but the newest keep_last
         doomed = [(it, uri) for it, uri in older if not self.is_milestone(it) and it != keep]
-        for it, uri in doomed:
+        for _it, uri in doomed:
             # the record goes first: a crash mid-prune leaves data without a record, which counts as incomplete
             storage.delete(uri + _RECORD_SUFFIX)
             storage.delete(uri)
