@@ -15,7 +15,6 @@ Every subcommand takes `--config` (a path, s3:// URI or packaged name such as `t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -100,7 +99,7 @@ def cmd_shard(args) -> int:
         cfg.shard.split = args.split
     manifest = Manifest.read(manifest_uri)
     index = write_shards(manifest, out, cfg.shard, cfg.preprocess)
-    print(index.format_summary() if hasattr(index, "format_summary") else json.dumps(index.to_dict(), indent=1)[:2000])
+    print(index.format_summary())
     return 0
 
 

@@ -137,6 +137,22 @@ class ShardIndex:
             "planned": self.n_fields + len(self.skipped),
         }
 
+    def format_summary(self, max_skipped: int = 20) -> str:
+        """A readable report: totals, what this run wrote or reused, and every skipped field with its reason."""
+        t = self.totals()
+        lines = [
+            f"shards ({self.split} split) at {self.uri}: {t['shards']} shard(s), {t['fields']} fields "
+            f"{'x'.join(map(str, self.field_shape))} {self.dtype}, {t['bytes'] / 1e6:.1f} MB; channels "
+            f"{', '.join(self.channels)}",
+            f"this run: {len(self.written)} shard(s) written, {len(self.reused)} reused (already complete)",
+            f"skipped fields: {t['skipped']} of {t['planned']} planned",
+        ]
+        for s in self.skipped[:max_skipped]:
+            lines.append(f"  {s.get('field_id')}: {s.get('reason')}")
+        if len(self.skipped) > max_skipped:
+            lines.append(f"  ... {len(self.skipped) - max_skipped} more in {self.uri}")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": SHARD_FORMAT,
