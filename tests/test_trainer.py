@@ -269,6 +269,13 @@ def test_raw_mode_with_one_pass_epochs(shard_set, tmp_path):
     state = load_final(result)
     assert state["schedules"]["iters_per_epoch"] == 3  # 12 training fields / batch 4
     assert state["ranks"][0]["data"] == {"mode": "raw", "epoch": 1, "fields_consumed": 16}
+    # The raw stream's cache counters reach the log: every field read is a lookup per channel, hit or miss.
+    lines = [json.loads(x) for x in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    data = [x for x in lines if "data/misses" in x]
+    assert data, "raw-mode data counters missing from metrics.jsonl"
+    last = data[-1]
+    assert last["data/misses"] >= 12 * 5 and last["data/hits"] + last["data/misses"] >= 16 * 5
+    assert 0.0 <= last["data/hit_rate"] <= 1.0 and last["data/skipped"] == 0
     resumed = pretrain(tiny_cfg(shard_set, tmp_path, "raw", "loader.mode=raw", f"data.manifest={shard_set['manifest']}",
                                 "optim.iters_per_epoch=0", "train.max_iters=5", "train.ckpt_every=0"))
     assert resumed.resumed_from == result.final_checkpoint and resumed.iterations == 5

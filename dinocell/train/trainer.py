@@ -161,6 +161,17 @@ class WorkerOrderedBatches:
         return self.waiting[want].popleft()
 
 
+def _data_note(values: dict) -> str:
+    """The data counters worth a glance in the log line: skipped inputs always, the raw-mode cache hit rate."""
+    parts = []
+    if "data/hit_rate" in values:
+        parts.append(f"cache hit rate {values['data/hit_rate']:.2f}")
+    skipped = values.get("data/skipped", 0) + values.get("data/shards_failed", 0)
+    if skipped:
+        parts.append(f"{int(skipped)} inputs skipped (see warnings)")
+    return ("  " + ", ".join(parts)) if parts else ""
+
+
 class DataSource:
     """The rank's field stream and DataLoader (shards or raw mode), its resume state and its epoch length."""
 
@@ -202,6 +213,12 @@ class DataSource:
             prefetch_factor=2 if self.num_workers > 0 else None,
             generator=loader_gen,  # the DataLoader's base seed must not consume the global RNG (exact resume)
         )
+
+    def stats_scalars(self) -> dict[str, float]:
+        """This rank's data counters for the log (raw mode: cache hits/misses/hit rate, skipped fields; shards:
+        shards/fields read, corrupt shards skipped): counted in shared memory across DataLoader workers, so exact."""
+        return {f"data/{k}": float(v) for k, v in self.stream.stats().items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def fields_per_epoch(self) -> int:
         """Fields of one pass over this rank's share of the training data."""
@@ -588,10 +605,11 @@ class Trainer:
         views = self._last_views
         if views is not None:
             values.update({f"augment/{k}": v for k, v in views.stats().items()})
+        values.update(self.data.stats_scalars())
         self.logger.log_scalars(self.iteration, values)
-        log.info("it %d/%d  loss %.4f (dino %.4f ibot %.4f koleo %.4f)  lr %.3g  %.1f fields/s  data wait %.3fs/it",
+        log.info("it %d/%d  loss %.4f (dino %.4f ibot %.4f koleo %.4f)  lr %.3g  %.1f fields/s  data wait %.3fs/it%s",
                  self.iteration, self.end_iteration, means["total"], means["dino"], means["ibot"], means["koleo"],
-                 sched["lr"], values["fields_per_s"], values["data_wait_s_per_iter"])
+                 sched["lr"], values["fields_per_s"], values["data_wait_s_per_iter"], _data_note(values))
         return means
 
     def _visualise(self, batch: dict) -> None:
