@@ -331,6 +331,22 @@ def shm_volume(spec: JobSpec) -> list[dict[str, Any]]:
     return [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}]
 
 
+def pod_placement(spec: JobSpec) -> dict[str, Any]:
+    """The pod-spec fields both job kinds set the same way: node selector, tolerations, service account and the
+    /dev/shm volume (empty entries left out)."""
+    pod_spec: dict[str, Any] = {}
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.service_account:
+        pod_spec["serviceAccountName"] = spec.service_account
+    volumes = shm_volume(spec)
+    if volumes:
+        pod_spec["volumes"] = volumes
+    return pod_spec
+
+
 def shm_mount(spec: JobSpec) -> list[dict[str, Any]]:
     return [] if spec.shm_size is None else [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
 

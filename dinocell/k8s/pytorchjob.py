@@ -15,9 +15,9 @@ from dinocell.k8s.jobspec import (
     JobSpecError,
     check_derived_name_length,
     plain_env,
+    pod_placement,
     resources_per_node,
     shm_mount,
-    shm_volume,
 )
 
 GROUP = "kubeflow.org"
@@ -61,16 +61,7 @@ def _pod_template(spec: JobSpec) -> dict[str, Any]:
     if mounts:
         container["volumeMounts"] = mounts
 
-    pod_spec: dict[str, Any] = {"containers": [container]}
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
-    if spec.service_account:
-        pod_spec["serviceAccountName"] = spec.service_account
-    volumes = shm_volume(spec)
-    if volumes:
-        pod_spec["volumes"] = volumes
+    pod_spec: dict[str, Any] = {"containers": [container], **pod_placement(spec)}
     template: dict[str, Any] = {"spec": pod_spec}
     if spec.labels:
         template["metadata"] = {"labels": dict(spec.labels)}

@@ -17,10 +17,10 @@ from dinocell.k8s.jobspec import (
     JobSpecError,
     check_derived_name_length,
     plain_env,
+    pod_placement,
     resources_per_node,
     secret_key_env,
     shm_mount,
-    shm_volume,
 )
 
 GROUP = "trainer.kubeflow.org"
@@ -42,16 +42,8 @@ def master_pod_selector(job_name: str) -> str:
 
 
 def _overrides(spec: JobSpec) -> list[dict[str, Any]]:
-    pod_spec: dict[str, Any] = {}
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
-    if spec.service_account:
-        pod_spec["serviceAccountName"] = spec.service_account
-    volumes = shm_volume(spec)
-    if volumes:
-        pod_spec["volumes"] = volumes
+    pod_spec = pod_placement(spec)
+    if "volumes" in pod_spec:
         pod_spec["containers"] = [{"name": CONTAINER, "volumeMounts": shm_mount(spec)}]
     if not pod_spec and not spec.labels:
         return []
