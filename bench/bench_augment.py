@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Throughput of the batched multi-view augmentation (dinocell.train.augment), with the naive per-crop path as anchor.
+"""Throughput of the batched multi-view augmentation (dinocell.data.multiview), with the naive per-crop path as anchor.
 
   python bench/bench_augment.py [--batch 8] [--field 540] [--iters 10] [--device cpu|cuda] [--threads N]
                                 [--resample auto|taps|matmul] [--no-anchor]
@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from dinocell import FLUORESCENT_CHANNELS
-from dinocell.train.augment import AugmentConfig, MultiViewAugment
+from dinocell.channels import FLUORESCENT_CHANNELS
+from dinocell.data.multiview import AugmentConfig, MultiViewAugment
 
 
 def sync(device: torch.device) -> None:

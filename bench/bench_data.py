@@ -7,7 +7,7 @@ What is measured (all single-process, cv2 and torch on one thread, so "per core"
 - shard mode: ShardStream (dinocell.data.shard_reader) reading shards already written (to local disk, and to a local
   S3 server), streaming the tar, checking it (sha256, or size + structure only), shuffling, and collating batches of
   64 into the uint8 [B, 5, H, W] tensor that is shipped to the GPU. Crops and augmentation are NOT on this path: they
-  run batched on the GPU (dinocell.train.augment, measured by bench/bench_augment.py);
+  run batched on the GPU (dinocell.data.multiview, measured by bench/bench_augment.py);
 - raw streaming: FieldLoader over the local S3 server with full preprocessing (fetch, 16-bit TIFF decode, subsampled
   percentiles, CLAHE, 2x area downsampling), cold cache (no LRU);
 - the naive design: the per-field function of shared/bench/naive_data_bench.py (decode, full percentile, CLAHE,
@@ -36,13 +36,14 @@ import numpy as np
 import tifffile
 import torch
 
-from dinocell import FLUORESCENT_CHANNELS, storage
+from dinocell import storage
+from dinocell.channels import FLUORESCENT_CHANNELS
 from dinocell.config import LoaderConfig, PreprocessConfig, ShardConfig
 from dinocell.data.fields import FieldLoader
-from dinocell.data.manifest import FieldRecord, Manifest, make_field_id
 from dinocell.data.shard_reader import ShardStream
 from dinocell.data.shards import write_shards
-from dinocell.s3server import LOCAL_CREDENTIALS, create_bucket, local_s3_server
+from dinocell.jump.manifest import FieldRecord, Manifest, make_field_id
+from dinocell.storage.local_server import LOCAL_CREDENTIALS, create_bucket, local_s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 CH = list(FLUORESCENT_CHANNELS)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Field discovery at scale (dinocell.data.discover).
+"""Field discovery at scale (dinocell.jump.discover).
 
   python bench/bench_discovery.py [--fields 300000] [--listing-plates 4 --listing-keys 1500] [--skip-listing]
 
@@ -7,7 +7,7 @@
    384 wells x 9 sites per batch, as many batches as needed; 8 `URL_Orig*` + 5 `URL_Illum*` columns with a stale
    `s3://` prefix to re-root, plus Metadata columns; no images), then, in a fresh process, runs discovery, writes the
    manifest and reads it back. Reports wall time, peak RSS of that process, CSV and manifest sizes, and load time.
-2. listing mode: a moto S3 server (dinocell.s3server.local_s3_server) in a child process, P plates x K zero-byte keys
+2. listing mode: a moto S3 server (dinocell.storage.local_server.local_s3_server) in a child process, P plates x K zero-byte keys
    written in parallel, then listing-mode discovery with list_workers=1 and =16: keys/s for each.
    Loopback has no network latency, so the parallel gain here is a floor: on S3 (tens of ms a page) it is larger.
 
@@ -28,8 +28,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from dinocell import ALL_CHANNELS, FLUORESCENT_CHANNELS
-from dinocell.data.layout import CPJUMP1_CHANNEL_NUMBERS, image_filename, load_data_uri, plate_dir_name, well_name
+from dinocell.channels import ALL_CHANNELS, FLUORESCENT_CHANNELS
+from dinocell.jump.layout import CPJUMP1_CHANNEL_NUMBERS, image_filename, load_data_uri, plate_dir_name, well_name
 
 BATCH_PLATES = 51
 WELLS = 384
@@ -97,8 +97,8 @@ def write_load_data(root: Path, n_fields: int, csv_form: str = "url") -> dict:
 def _discover_child(root: str, manifest_path: str) -> dict:
     """Runs in a fresh process: discovery, write, read back. Peak RSS is this process's own."""
     from dinocell.config import DataConfig
-    from dinocell.data.discover import discover_fields, write_discovery
-    from dinocell.data.manifest import Manifest
+    from dinocell.jump.discover import discover_fields, write_discovery
+    from dinocell.jump.manifest import Manifest
 
     cfg = DataConfig(
         images_prefix="s3://cellpainting-gallery/cpg0000-jump-pilot/source_4/images/",
@@ -172,7 +172,7 @@ def _serve(port: int, ready, stop) -> None:
     """The S3 server in its own process, so that its request handling does not share the client's GIL."""
     import logging
 
-    from dinocell.s3server import local_s3_server
+    from dinocell.storage.local_server import local_s3_server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
 
@@ -184,8 +184,8 @@ def _serve(port: int, ready, stop) -> None:
 def bench_listing(plates: int, keys_per_plate: int, workers: int) -> None:
     from dinocell import storage
     from dinocell.config import DataConfig
-    from dinocell.data.discover import discover_fields
-    from dinocell.s3server import LOCAL_CREDENTIALS, create_bucket, free_port
+    from dinocell.jump.discover import discover_fields
+    from dinocell.storage.local_server import LOCAL_CREDENTIALS, create_bucket, free_port
 
     for k, v in LOCAL_CREDENTIALS.items():
         os.environ.setdefault(k, v)

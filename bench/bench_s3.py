@@ -32,13 +32,14 @@ import cv2
 import numpy as np
 import tifffile
 
-from dinocell import FLUORESCENT_CHANNELS, storage
+from dinocell import storage
+from dinocell.channels import FLUORESCENT_CHANNELS
 from dinocell.config import PreprocessConfig
 from dinocell.data.cache import LRUCache
 from dinocell.data.fields import FieldLoader
-from dinocell.data.manifest import FieldRecord, make_field_id
 from dinocell.data.preprocess import clahe, decode_tiff, downsample2x, scale_to_uint8
-from dinocell.s3server import LOCAL_CREDENTIALS, create_bucket, local_s3_server
+from dinocell.jump.manifest import FieldRecord, make_field_id
+from dinocell.storage.local_server import LOCAL_CREDENTIALS, create_bucket, local_s3_server
 
 BUCKET = "bench-s3"
 FIXTURE_NAME = "phenix_BR00121482_A01_s1"

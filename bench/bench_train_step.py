@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from dinocell import FLUORESCENT_CHANNELS
+from dinocell.channels import FLUORESCENT_CHANNELS
 from dinocell.config import Config
+from dinocell.data.multiview import MultiViewAugment
 from dinocell.loss import collate_masks, mask_counts
-from dinocell.train.augment import MultiViewAugment
 from dinocell.train.optim import apply_schedules, build_optimizer
-from dinocell.train.ssl_meta_arch import LOSS_KEYS, SSLInputs, SSLMetaArch, mask_batch_to
+from dinocell.train.ssl_model import LOSS_KEYS, SSLInputs, SSLMetaArch, mask_batch_to
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_REF = REPO.parent / "shared" / "bench" / "ref_step_bench.py"

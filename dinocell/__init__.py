@@ -1,14 +1,17 @@
-"""dinocell: continued DINOv3 pretraining on Cell Painting with multi-view channel consistency."""
+"""dinocell: continued DINOv3 pretraining on Cell Painting with multi-view channel consistency.
 
-__version__ = "0.1.0"
+Nothing inside the package imports this module (each layer imports the modules it needs), so the lazy
+`load_pretrained` below adds no import edge to the layering checked by tests/test_layering.py.
+"""
 
-FLUORESCENT_CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
-BRIGHTFIELD_CHANNELS = ("HighZBF", "LowZBF", "Brightfield")
-ALL_CHANNELS = FLUORESCENT_CHANNELS + BRIGHTFIELD_CHANNELS
+from dinocell._version import __version__
+from dinocell.channels import ALL_CHANNELS, BRIGHTFIELD_CHANNELS, FLUORESCENT_CHANNELS
+
+__all__ = ["ALL_CHANNELS", "BRIGHTFIELD_CHANNELS", "FLUORESCENT_CHANNELS", "__version__", "load_pretrained"]
 
 
 def load_pretrained(uri: str, **kwargs):
-    """Load a model published by `dinocell publish` (hashes verified). See dinocell.publish."""
-    from dinocell.publish.load import load_pretrained as _load
+    """Load a model published by `dinocell publish` (hashes verified). See dinocell.model.published."""
+    from dinocell.model.published import load_pretrained as _load
 
     return _load(uri, **kwargs)

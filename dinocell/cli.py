@@ -49,7 +49,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from dinocell.data.synth import SynthFaults, synth_bucket
+    from dinocell.synth.bucket import SynthFaults, synth_bucket
 
     cfg = _load_cfg(args)
     del cfg
@@ -69,7 +69,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_discover(args) -> int:
-    from dinocell.data.discover import discover_fields, write_discovery
+    from dinocell.jump.discover import discover_fields, write_discovery
 
     cfg = _load_cfg(args)
     if args.images_prefix:
@@ -87,8 +87,8 @@ def cmd_discover(args) -> int:
 
 
 def cmd_shard(args) -> int:
-    from dinocell.data.manifest import Manifest
     from dinocell.data.shards import write_shards
+    from dinocell.jump.manifest import Manifest
 
     cfg = _load_cfg(args)
     manifest_uri = args.manifest or cfg.data.manifest
@@ -130,7 +130,7 @@ def cmd_publish(args) -> int:
 
 
 def cmd_serve_s3(args) -> int:
-    from dinocell.s3server import create_bucket, local_s3_server
+    from dinocell.storage.local_server import create_bucket, local_s3_server
 
     with local_s3_server(args.port) as server:
         for b in args.bucket:

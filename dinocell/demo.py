@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from dinocell.log import get_logger, setup_logging
-from dinocell.s3server import create_bucket, local_s3_server
+from dinocell.storage.local_server import create_bucket, local_s3_server
 
 log = get_logger("demo")
 
@@ -35,7 +35,7 @@ DEMO_OVERRIDES = ("train.max_iters=80", "train.log_every=10", "train.ckpt_every=
 
 
 def synth_demo_bucket(args) -> None:
-    from dinocell.data.synth import synth_bucket
+    from dinocell.synth.bucket import synth_bucket
 
     t0 = time.perf_counter()
     report = synth_bucket(SOURCE, batches=args.batches, plates_per_batch=args.plates, wells_per_plate=args.wells,

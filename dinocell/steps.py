@@ -349,7 +349,7 @@ def discover_step(
     anonymous: bool | None = None,
 ) -> DiscoverOutcome:
     """Find the fields of the source and write the manifest (+ `<manifest>.summary.json`)."""
-    from dinocell.data.discover import discover_fields, write_discovery
+    from dinocell.jump.discover import discover_fields, write_discovery
 
     cfg = load_step_config(config, overrides, endpoint_url, anonymous)
     if images_prefix:
@@ -401,8 +401,8 @@ def shard_step(
     anonymous: bool | None = None,
 ) -> ShardOutcome:
     """Preprocess the manifest's training split into tar shards under `shards_prefix` (resumes a partial set)."""
-    from dinocell.data.manifest import Manifest
     from dinocell.data.shards import INDEX_NAME, write_shards
+    from dinocell.jump.manifest import Manifest
 
     cfg = load_step_config(config, overrides, endpoint_url, anonymous)
     manifest = Manifest.read(manifest_uri)
@@ -435,7 +435,7 @@ class TrainOutcome:
 
 
 def _latest_checkpoint(checkpoints_uri: str) -> str:
-    from dinocell.train.checkpointing import CheckpointManager
+    from dinocell.train.checkpoint import CheckpointManager
 
     uri = CheckpointManager(checkpoints_uri).latest()
     if uri is None:
@@ -479,7 +479,7 @@ def train_step(
     - "local": world size 1 trains in this process; nproc_per_node > 1 runs `torchrun --standalone` here;
     - "pytorchjob" / "trainjob": a Kubernetes job of `nodes` pods x `nproc_per_node` processes on `gpus_per_node`
       GPUs each, image `image`, placed by `node_selector` / `tolerations`, credentials from the Secret `secret_name`
-      (envFrom). This process only launches, follows and cleans up the job (dinocell.k8s.run_job).
+      (envFrom). This process only launches, follows and cleans up the job (dinocell.launch.run_job).
     nproc_per_node 0 means: gpus_per_node, or 1 without GPUs. timeout_s 0 or None: no limit on the job's run time.
     """
     if backend not in BACKENDS:
@@ -499,7 +499,7 @@ def train_step(
         cfg.data.manifest = manifest_uri
     cfg.train.output_dir = output_dir
     cfg.train.run_name = run_name
-    from dinocell.train.config import validate_training_config
+    from dinocell.config.training import validate_training_config
 
     validate_training_config(cfg)  # fail here, naming the field, rather than inside a pod after scheduling
     config_uri = config_uri or storage.join(output_dir, "config", "pretrain.yaml")
@@ -525,7 +525,7 @@ def train_step(
             raise RuntimeError(f"train: torchrun with {nproc} processes exited with status {rc} (its log is above)")
         return TrainOutcome(_latest_checkpoint(checkpoints), output_uri, config_uri, backend, world)
 
-    from dinocell.k8s import JobSpec, pretrain_command, run_job, unique_job_name
+    from dinocell.launch import JobSpec, pretrain_command, run_job, unique_job_name
 
     if not image:
         raise StepError(f"train: backend {backend!r} needs the training image (image=...)")

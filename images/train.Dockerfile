@@ -4,7 +4,7 @@
 #   docker build -f images/train.Dockerfile -t ghcr.io/dinocell/dinocell-train:0.1.0-cuda12.8 .   (repository root)
 #
 # The official PyTorch runtime image pins torch, CUDA 12.8 and cuDNN 9 together (the host driver must support
-# CUDA 12.8: R570 or newer). The training pods run `torchrun ... -m dinocell.cli pretrain` (dinocell.k8s).
+# CUDA 12.8: R570 or newer). The training pods run `torchrun ... -m dinocell.cli pretrain` (dinocell.launch).
 FROM pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from dinocell import storage
-from dinocell.s3server import LOCAL_CREDENTIALS, create_bucket, local_s3_server
+from dinocell.storage.local_server import LOCAL_CREDENTIALS, create_bucket, local_s3_server
 
 _bucket_ids = itertools.count()
 

@@ -1,6 +1,6 @@
 """A small fake Kubernetes API server for launcher tests: real HTTP on 127.0.0.1, in a thread.
 
-It serves only what dinocell.k8s.launcher calls, with the API server's wire format, so the real `kubernetes` client
+It serves only what dinocell.launch.launcher calls, with the API server's wire format, so the real `kubernetes` client
 talks to it unchanged:
   POST/GET/DELETE /apis/{group}/{version}/namespaces/{ns}/{plural}[/{name}]   (pytorchjobs, trainjobs)
   GET /api/v1/namespaces/{ns}/pods?labelSelector=k=v,k2=v2                     (equality selectors)
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from dinocell.k8s.validate import ManifestInvalid, validate_object
+from dinocell.launch.validate import ManifestInvalid, validate_object
 
 KINDS = {
     ("kubeflow.org", "v1", "pytorchjobs"): "PyTorchJob",

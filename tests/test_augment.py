@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinocell import FLUORESCENT_CHANNELS
-from dinocell.train.augment import MEAN_SOURCE, AugmentConfig, MultiViewAugment
-from dinocell.train.image_ops import (
+from dinocell.channels import FLUORESCENT_CHANNELS
+from dinocell.data.augment_ops import (
     brightness_contrast,
     crop_resize,
     gaussian_blur,
@@ -19,6 +18,7 @@ from dinocell.train.image_ops import (
     sample_crop_boxes,
     solarize,
 )
+from dinocell.data.multiview import MEAN_SOURCE, AugmentConfig, MultiViewAugment
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dinocell import storage
-from dinocell.train.checkpointing import (
+from dinocell.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
     capture_rng_state,

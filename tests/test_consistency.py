@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinocell.eval.consistency import (
+from dinocell.model.vit import vit_tiny
+from dinocell.monitor.consistency import (
     default_normalisation,
     different_field_matrix,
     embed_views,
@@ -15,7 +16,6 @@ from dinocell.eval.consistency import (
     same_field_matrix,
     summary,
 )
-from dinocell.model.vit import vit_tiny
 
 torch.set_num_threads(2)
 FLUO = ["DNA", "ER", "RNA", "AGP", "Mito"]
@@ -64,7 +64,7 @@ def test_field_views_bad_input():
 
 
 def test_default_normalisation_follows_augment():
-    from dinocell.train.augment import AugmentConfig
+    from dinocell.data.multiview import AugmentConfig
 
     assert default_normalisation() == (AugmentConfig().norm_mean, AugmentConfig().norm_std)
 

@@ -14,10 +14,10 @@ import pytest
 
 from dinocell import storage
 from dinocell.config import DataConfig
-from dinocell.data import discover as dsc
-from dinocell.data.discover import DiscoveryError, discover_fields, reroot_path, write_discovery
-from dinocell.data.layout import CPJUMP1_CHANNEL_NUMBERS, image_filename, plate_dir_name
-from dinocell.data.manifest import Manifest
+from dinocell.jump import discover as dsc
+from dinocell.jump.discover import DiscoveryError, discover_fields, reroot_path, write_discovery
+from dinocell.jump.layout import CPJUMP1_CHANNEL_NUMBERS, image_filename, plate_dir_name
+from dinocell.jump.manifest import Manifest
 
 FLUO = ["DNA", "ER", "RNA", "AGP", "Mito"]
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "phenix_BR00121482_A01_s1"
@@ -487,7 +487,7 @@ def test_listing_anonymous_public_ok_private_refused(s3_server, public_bucket, s
 
 
 def test_synth_bucket_both_modes_agree_on_s3(s3_bucket):
-    from dinocell.data.synth import SynthFaults, synth_bucket
+    from dinocell.synth.bucket import SynthFaults, synth_bucket
 
     root = f"s3://{s3_bucket}/cpg0000-jump-pilot/source_4"
     report = synth_bucket(
@@ -533,7 +533,7 @@ def test_synth_bucket_both_modes_agree_on_s3(s3_bucket):
 
 
 def test_synth_local_url_form_file_urls_resolve(tmp_path):
-    from dinocell.data.synth import synth_bucket
+    from dinocell.synth.bucket import synth_bucket
 
     root = tmp_path / "source_4"
     report = synth_bucket(

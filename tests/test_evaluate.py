@@ -19,12 +19,12 @@ import torch
 
 from dinocell import storage
 from dinocell.config import config_from_dict
-from dinocell.data.manifest import FieldRecord, Manifest, make_field_id
-from dinocell.data.synth import encode_tiff
+from dinocell.eval.checkpoint_reader import load_backbone, load_init_backbone
 from dinocell.eval.evaluate import evaluate, select_fields
-from dinocell.eval.loading import load_backbone, load_init_backbone
+from dinocell.jump.manifest import FieldRecord, Manifest, make_field_id
 from dinocell.model.vit import build_vit, vit_tiny
-from dinocell.train.checkpointing import CheckpointManager
+from dinocell.synth.bucket import encode_tiff
+from dinocell.train.checkpoint import CheckpointManager
 
 torch.set_num_threads(1)  # 2 shared cores: multi-threaded LAPACK (PCA) is pathologically slow under load
 
@@ -171,8 +171,8 @@ def test_select_fields_is_deterministic_and_capped():
 
 def test_fields_of_different_sizes_keep_their_order():
     """Fields are embedded in groups of equal size; the result must come back in evaluation order."""
-    from dinocell.eval.consistency import embed_views
     from dinocell.eval.evaluate import EvalFields, _embed
+    from dinocell.monitor.consistency import embed_views
 
     torch.manual_seed(0)
     model = vit_tiny(patch_size=8, in_chans=1, layerscale_init=1.0).eval()
@@ -315,7 +315,7 @@ def test_init_baseline_is_the_runs_starting_point(tmp_path):
     _, info_pre = load_backbone(_training_checkpoint(cfg_pre, _trained_like(cfg_pre)))
     init_pre, init_pre_info = load_init_backbone(info_pre)
     reference = build_vit("vit_tiny", **cfg_pre.model.backbone_kwargs(student=False))
-    from dinocell.model.checkpoint import load_dinov3_checkpoint
+    from dinocell.model.pretrained import load_dinov3_checkpoint
 
     load_dinov3_checkpoint(reference, str(tmp_path / "start.pth"))
     assert all(torch.equal(init_pre.state_dict()[k], v) for k, v in reference.state_dict().items())
@@ -325,7 +325,7 @@ def test_init_baseline_is_the_runs_starting_point(tmp_path):
 def test_trainer_layout_and_init(tmp_path):
     """The trainer's own objects: its teacher state dict loads as the teacher backbone, and the "init" baseline
     equals the teacher SSLMetaArch builds right after torch.manual_seed(train.seed), as Trainer does."""
-    from dinocell.train.ssl_meta_arch import SSLMetaArch
+    from dinocell.train.ssl_model import SSLMetaArch
 
     cfg = config_from_dict({**_cfg().to_dict(), "model": {**_cfg().to_dict()["model"], "n_prototypes": 16,
                                                           "head_hidden_dim": 32, "head_bottleneck_dim": 16}})
@@ -374,9 +374,9 @@ def test_checkpoint_layouts_agree(tmp_path):
 
 def test_demo_data(tmp_path, good_checkpoint):
     """The synthetic JUMP-layout demo bucket, discovered into a manifest, evaluates with brightfield views."""
-    from dinocell import ALL_CHANNELS
-    from dinocell.data.discover import discover_fields
-    from dinocell.data.synth import synth_bucket
+    from dinocell.channels import ALL_CHANNELS
+    from dinocell.jump.discover import discover_fields
+    from dinocell.synth.bucket import synth_bucket
 
     synth_bucket(str(tmp_path / "src"), batches=1, plates_per_batch=2, wells_per_plate=3, sites_per_well=2,
                  size=64, seed=0, workers=2)

@@ -1,4 +1,4 @@
-"""dinocell.k8s: JobSpec checks, PyTorchJob/TrainJob builders against the vendored CRD schemas, the torchrun command
+"""dinocell.launch: JobSpec checks, PyTorchJob/TrainJob builders against the vendored CRD schemas, the torchrun command
 as torchrun itself parses it, the kustomize manifests, and the launcher against a fake API server over real HTTP."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_k8s import FakeKubernetes, Scenario
 
-from dinocell.k8s import (
+from dinocell.launch import (
     JobFailed,
     JobSpec,
     JobSpecError,
@@ -34,7 +34,7 @@ from dinocell.k8s import (
     unique_job_name,
     validate_object,
 )
-from dinocell.k8s.launcher import parse_log_timestamp
+from dinocell.launch.launcher import parse_log_timestamp
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "s3://CHANGE-ME-bucket/dinocell/configs/pretrain.yaml"

@@ -11,7 +11,7 @@ the packaged tiny config (600 iterations of 32 fields from random weights, about
   each single channel of the same field. It ends well below log K and far below the same number with every
   channel paired with another field's mean (a channel mix-up), and the targets are sharp and spread over many
   prototypes: a collapsed head (one prototype for everything, or uniform targets) has no such gap;
-- the backbone on the held-out plate (dinocell.eval.consistency, every fluorescent channel and the mean shown
+- the backbone on the held-out plate (dinocell.monitor.consistency, every fluorescent channel and the mean shown
   separately): views of the same field end up far closer than views of different fields (the gap starts near 0
   because random-init features are all alike), without collapse; a field's view in one channel finds the same
   field's view in another channel among all held-out fields several times more often than chance and more often
@@ -36,11 +36,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinocell import FLUORESCENT_CHANNELS, storage
+from dinocell import storage
+from dinocell.channels import FLUORESCENT_CHANNELS
 from dinocell.config import DataConfig, PreprocessConfig, ShardConfig, load_config, packaged_config
-from dinocell.eval.consistency import MEAN_VIEW, embed_views, summary
 from dinocell.loss import sinkhorn_knopp
-from dinocell.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
+from dinocell.monitor.consistency import MEAN_VIEW, embed_views, summary
+from dinocell.train.ssl_model import LOSS_KEYS, SSLMetaArch
 from dinocell.train.trainer import pretrain
 
 ITERS = 600  # the tiny config's full schedule (15 epochs of 40 iterations)
@@ -58,9 +59,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
-    from dinocell.data import discover, synth
     from dinocell.data.fields import FieldLoader
     from dinocell.data.shards import write_shards
+    from dinocell.jump import discover
+    from dinocell.synth import bucket as synth
 
     root = tmp_path_factory.mktemp("learning")
     source = str(root / "source")

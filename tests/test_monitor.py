@@ -9,13 +9,8 @@ import pytest
 import torch
 import yaml
 
-from dinocell.train.monitor import (
-    RunLogger,
-    attention_maps_image,
-    matrix_image,
-    pca_rgb_image,
-    resolve_wandb_mode,
-)
+from dinocell.monitor.figures import attention_maps_image, matrix_image, pca_rgb_image
+from dinocell.monitor.run_log import RunLogger, resolve_wandb_mode
 
 torch.set_num_threads(1)
 HAVE_WANDB = importlib.util.find_spec("wandb") is not None

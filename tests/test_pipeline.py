@@ -253,8 +253,8 @@ def test_train_step_launches_a_job_with_the_gpus_placement_and_secret(tmp_path, 
     from fake_k8s import FakeKubernetes, Scenario
 
     from dinocell.config import load_config
-    from dinocell.k8s import make_api_client
-    from dinocell.train.checkpointing import CheckpointManager
+    from dinocell.launch import make_api_client
+    from dinocell.train.checkpoint import CheckpointManager
 
     out = tmp_path / "run"
     # What the training pods would leave: the run's checkpoints (the launcher reports the newest).
@@ -301,8 +301,8 @@ def test_train_step_rejects_bad_backend_settings(tmp_path):
 @pytest.mark.slow
 def test_train_step_local_backend_with_two_processes_runs_torchrun(tmp_path):
     """backend=local with nproc_per_node=2: `torchrun --standalone` (gloo on CPU), both ranks, one final checkpoint."""
-    from dinocell.data.synth import synth_bucket
-    from dinocell.train.checkpointing import CheckpointManager
+    from dinocell.synth.bucket import synth_bucket
+    from dinocell.train.checkpoint import CheckpointManager
 
     source = tmp_path / "src" / "cpg0000-jump-pilot" / "source_4"
     synth_bucket(str(source), batches=1, plates_per_batch=2, wells_per_plate=2, sites_per_well=2, size=128, seed=3)
@@ -355,8 +355,8 @@ def test_local_pipeline_run_end_to_end(tmp_path, s3_server, monkeypatch, capsys)
     """kfp.local runs the five components as subprocesses against the local S3 server; the published model loads
     and verifies, and what KFP recorded (metrics, pointers, HTML) matches what the steps wrote to object storage."""
     from dinocell import load_pretrained
-    from dinocell.data.synth import synth_bucket
-    from dinocell.s3server import create_bucket
+    from dinocell.storage.local_server import create_bucket
+    from dinocell.synth.bucket import synth_bucket
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)  # restored after the test
     old = storage._config

@@ -13,10 +13,10 @@ import torch
 import dinocell
 from dinocell import storage
 from dinocell.config import config_from_dict
-from dinocell.eval.loading import load_backbone
-from dinocell.model.checkpoint import load_dinov3_checkpoint
+from dinocell.eval.checkpoint_reader import load_backbone
+from dinocell.model.pretrained import load_dinov3_checkpoint
+from dinocell.model.published import PublishedModelError, load_pretrained
 from dinocell.model.vit import build_vit, vit_small, vit_tiny
-from dinocell.publish.load import PublishedModelError, load_pretrained
 from dinocell.publish.publish import PublishError, publish, publish_cli
 
 torch.set_num_threads(1)

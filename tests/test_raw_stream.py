@@ -17,9 +17,9 @@ from dinocell import storage
 from dinocell.config import LoaderConfig, PreprocessConfig
 from dinocell.data.cache import LRUCache, expected_hit_rate
 from dinocell.data.fields import Field, FieldLoader, FieldLoadError, collate_fields, field_to_sample
-from dinocell.data.manifest import FieldRecord, Manifest, make_field_id
 from dinocell.data.preprocess import preprocess_channel
 from dinocell.data.raw_stream import RawFieldStream
+from dinocell.jump.manifest import FieldRecord, Manifest, make_field_id
 
 SMALL = PreprocessConfig(clahe_tiles=4)  # 4x4 CLAHE tiles on the small test images; the rest as in production
 

@@ -15,12 +15,13 @@ import pytest
 import tifffile
 import torch
 
-from dinocell import FLUORESCENT_CHANNELS, storage
+from dinocell import storage
+from dinocell.channels import FLUORESCENT_CHANNELS
 from dinocell.config import LoaderConfig, PreprocessConfig, ShardConfig
 from dinocell.data.fields import FieldLoader
-from dinocell.data.manifest import FieldRecord, Manifest, make_field_id
 from dinocell.data.shard_reader import CorruptShardError, ShardStream, read_shard
 from dinocell.data.shards import ShardBuildError, ShardIndex, write_shards
+from dinocell.jump.manifest import FieldRecord, Manifest, make_field_id
 
 torch.set_num_threads(1)
 
@@ -395,8 +396,8 @@ def test_a_consumer_whose_every_shard_is_corrupt_fails_loudly(local_set, tmp_pat
 
 def test_synth_bucket_discover_shard_read(tmp_path):
     """End to end on the project's synthetic JUMP bucket: planted faults in the packed channels are exactly the skips."""
-    synth = pytest.importorskip("dinocell.data.synth")
-    discover = pytest.importorskip("dinocell.data.discover")
+    synth = pytest.importorskip("dinocell.synth.bucket")
+    discover = pytest.importorskip("dinocell.jump.discover")
     from dinocell.config import DataConfig
 
     root = str(tmp_path / "source")

@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 import tifffile
 
-from dinocell import ALL_CHANNELS, FLUORESCENT_CHANNELS, storage
-from dinocell.data import layout
-from dinocell.data.synth import (
+from dinocell import storage
+from dinocell.channels import ALL_CHANNELS, FLUORESCENT_CHANNELS
+from dinocell.jump import layout
+from dinocell.synth.bucket import (
     REAL_SOURCE4_BATCHES,
     SynthFaults,
     load_data_columns,
     plan_bucket,
     synth_bucket,
 )
-from dinocell.data.synth_cells import Phenotype, VignetteParams, render_field, vignetting
+from dinocell.synth.cells import Phenotype, VignetteParams, render_field, vignetting
 
 SIZE = 128
 CH_NUMBER = layout.CPJUMP1_CHANNEL_NUMBERS

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from dinocell.config import Config, ConfigError, config_from_dict, load_config, packaged_config
+from dinocell.config.training import LossConfig, ModelConfig, OptimConfig, validate_training_config
 from dinocell.loss import collate_masks, sinkhorn_knopp
 from dinocell.model import build_vit
-from dinocell.train.config import LossConfig, ModelConfig, OptimConfig, validate_training_config
 from dinocell.train.optim import apply_schedules, build_optimizer, build_param_groups, param_rule
 from dinocell.train.schedules import CosineSchedule, TrainingSchedules
-from dinocell.train.ssl_meta_arch import SSLInputs, SSLMetaArch
+from dinocell.train.ssl_model import SSLInputs, SSLMetaArch
 
 torch.set_num_threads(2)
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from dinocell import storage
 from dinocell.config import DataConfig, PreprocessConfig, ShardConfig, config_from_dict, load_config, packaged_config
-from dinocell.train.checkpointing import CheckpointManager
+from dinocell.train.checkpoint import CheckpointManager
 from dinocell.train.trainer import NonFiniteLossError, WorkerOrderedBatches, pretrain
 
 torch.set_num_threads(2)
@@ -22,8 +22,9 @@ FIELD_SIZE = 128  # raw synthetic field; preprocessed (2x downsampled) fields ar
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory):
     """A small synthetic JUMP bucket -> field manifest -> shards (12 fields in 4 shards)."""
-    from dinocell.data import discover, synth
     from dinocell.data.shards import write_shards
+    from dinocell.jump import discover
+    from dinocell.synth import bucket as synth
 
     root = tmp_path_factory.mktemp("data")
     source = str(root / "source")

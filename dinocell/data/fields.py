@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from dinocell import ALL_CHANNELS, storage
+from dinocell import storage
+from dinocell.channels import ALL_CHANNELS
 from dinocell.config import PreprocessConfig
 from dinocell.data.cache import LRUCache
-from dinocell.data.manifest import FieldRecord
 from dinocell.data.preprocess import (
     CorruptImageError,
     IllumError,
@@ -31,6 +31,7 @@ from dinocell.data.preprocess import (
     preprocess_signature,
     validate_preprocess_config,
 )
+from dinocell.jump.manifest import FieldRecord
 
 __all__ = ["Field", "FieldLoadError", "FieldLoader", "channel_ids_of", "collate_fields", "field_to_sample"]
 

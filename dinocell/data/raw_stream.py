@@ -44,7 +44,7 @@ from dinocell import storage
 from dinocell.config import LoaderConfig, PreprocessConfig
 from dinocell.data.cache import LRUCache
 from dinocell.data.fields import FieldLoader, FieldLoadError, field_to_sample
-from dinocell.data.manifest import Manifest
+from dinocell.jump.manifest import Manifest
 
 __all__ = ["MAX_REASONS_PER_WORKER", "RawFieldStream"]
 

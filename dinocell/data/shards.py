@@ -51,9 +51,11 @@ from typing import Any
 
 import numpy as np
 
-from dinocell import BRIGHTFIELD_CHANNELS, FLUORESCENT_CHANNELS, __version__, storage
+from dinocell import storage
+from dinocell._version import __version__
+from dinocell.channels import BRIGHTFIELD_CHANNELS, FLUORESCENT_CHANNELS
 from dinocell.config import PreprocessConfig, ShardConfig
-from dinocell.data.manifest import FieldRecord, Manifest
+from dinocell.jump.manifest import FieldRecord, Manifest
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 For up to `max_fields` fields of the manifest's held-out split (chosen deterministically: ordered by the sha256 of
 their field id, which spreads them over plates), every channel is embedded on its own and the mean of the
-fluorescent channels as one more view (dinocell.eval.consistency), with the teacher backbone of the checkpoint and
+fluorescent channels as one more view (dinocell.monitor.consistency), with the teacher backbone of the checkpoint and
 with the baseline. Brightfield channels are evaluated when the manifest has them (or `channels` names them): the seed
 claims transfer to brightfield, so it is measured (brightfield views against fluorescent views), not assumed.
 
@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinocell import ALL_CHANNELS, BRIGHTFIELD_CHANNELS, FLUORESCENT_CHANNELS, storage
+from dinocell import storage
+from dinocell.channels import ALL_CHANNELS, BRIGHTFIELD_CHANNELS, FLUORESCENT_CHANNELS
 from dinocell.data.fields import FieldLoader
-from dinocell.data.manifest import Manifest
-from dinocell.eval import consistency
-from dinocell.eval.loading import BackboneInfo, load_backbone, load_init_backbone
+from dinocell.eval.checkpoint_reader import BackboneInfo, load_backbone, load_init_backbone
+from dinocell.jump.manifest import Manifest
 from dinocell.log import get_logger
+from dinocell.monitor import consistency
 
 __all__ = [
     "DEFAULT_MAX_FIELDS",

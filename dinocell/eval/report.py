@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from dinocell import storage
-from dinocell.eval import consistency
-from dinocell.train.monitor import attention_maps_image, encode_png, matrix_image, pca_rgb_image
+from dinocell.monitor import consistency
+from dinocell.monitor.figures import attention_maps_image, matrix_image, pca_rgb_image
+from dinocell.monitor.run_log import encode_png
 
 __all__ = [
     "TABLE_COLUMNS",

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dinocell import storage
-from dinocell.eval.loading import BackboneInfo, load_backbone
+from dinocell.eval.checkpoint_reader import BackboneInfo, load_backbone
 from dinocell.log import get_logger
-from dinocell.publish.load import (
+from dinocell.model.published import (
     CONFIG_NAME,
     LATEST_NAME,
     MANIFEST_FORMAT,

@@ -38,14 +38,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dinocell import FLUORESCENT_CHANNELS, storage
+from dinocell import storage
+from dinocell.channels import FLUORESCENT_CHANNELS
+from dinocell.config.training import validate_training_config
+from dinocell.data.multiview import MultiViewAugment
 from dinocell.log import get_logger, setup_logging
 from dinocell.loss import collate_masks
-from dinocell.train.augment import MultiViewAugment
-from dinocell.train.config import validate_training_config
 from dinocell.train.optim import apply_schedules, build_optimizer
 from dinocell.train.schedules import TrainingSchedules
-from dinocell.train.ssl_meta_arch import LOSS_KEYS, SSLInputs, SSLMetaArch, mask_batch_to
+from dinocell.train.ssl_model import LOSS_KEYS, SSLInputs, SSLMetaArch, mask_batch_to
 
 log = get_logger(__name__)
 
@@ -192,8 +193,8 @@ class DataSource:
             self.channels = tuple(self.stream.channels)
         else:
             from dinocell.data.fields import collate_fields
-            from dinocell.data.manifest import Manifest
             from dinocell.data.raw_stream import RawFieldStream
+            from dinocell.jump.manifest import Manifest
 
             manifest = Manifest.read(cfg.data.manifest)
             self.stream = RawFieldStream(manifest, cfg.loader, cfg.preprocess, cfg.data.channels, split="train",
@@ -289,7 +290,7 @@ class Visualizer:
         if cfg.data.manifest:
             try:
                 from dinocell.data.fields import FieldLoader
-                from dinocell.data.manifest import Manifest
+                from dinocell.jump.manifest import Manifest
 
                 val = Manifest.read(cfg.data.manifest).split("val")
                 if len(val):
@@ -320,8 +321,8 @@ class Visualizer:
     @torch.no_grad()
     def images(self, backbone) -> tuple[dict, dict]:
         """({name: rgb uint8}, {scalar name: value}) for the teacher backbone (eval mode)."""
-        from dinocell.eval.consistency import embed_views, same_field_matrix, summary
-        from dinocell.train.monitor import attention_maps_image, matrix_image, pca_rgb_image
+        from dinocell.monitor.consistency import embed_views, same_field_matrix, summary
+        from dinocell.monitor.figures import attention_maps_image, matrix_image, pca_rgb_image
 
         x = self.mean_view()
         patch = backbone.patch_size
@@ -420,8 +421,8 @@ class Trainer:
         self.aug_gen = torch.Generator(device=env.device).manual_seed(_stream_seed(cfg.train.seed, env.rank, 1))
         self.mask_gen = torch.Generator().manual_seed(_stream_seed(cfg.train.seed, env.rank, 2))
 
-        from dinocell.train.checkpointing import CheckpointManager
-        from dinocell.train.monitor import RunLogger
+        from dinocell.monitor.run_log import RunLogger
+        from dinocell.train.checkpoint import CheckpointManager
 
         self.ckpt = CheckpointManager(self.ckpt_root, keep_last=cfg.train.keep_last,
                                       milestone_every=cfg.train.milestone_every, rank=env.rank)
@@ -440,7 +441,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _rank_state(self) -> dict:
-        from dinocell.train.checkpointing import capture_rng_state
+        from dinocell.train.checkpoint import capture_rng_state
 
         return {
             "rank": self.env.rank,
@@ -502,7 +503,7 @@ class Trainer:
         mine = ranks[self.env.rank % len(ranks)]
         self.data.load_state_dict(mine["data"], exact=exact)
         if exact:
-            from dinocell.train.checkpointing import restore_rng_state
+            from dinocell.train.checkpoint import restore_rng_state
 
             restore_rng_state(mine["rng"])
             self.aug_gen.set_state(mine["augment_generator"])

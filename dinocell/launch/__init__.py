@@ -4,7 +4,7 @@ The builders and validation need only the standard library and jsonschema; the l
 client lazily (extra `dinocell[pipeline]`).
 """
 
-from dinocell.k8s.jobspec import (
+from dinocell.launch.jobspec import (
     BACKENDS,
     JobSpec,
     JobSpecError,
@@ -12,7 +12,7 @@ from dinocell.k8s.jobspec import (
     torchrun_command,
     unique_job_name,
 )
-from dinocell.k8s.launcher import (
+from dinocell.launch.launcher import (
     JobFailed,
     JobResult,
     JobSubmitError,
@@ -21,14 +21,14 @@ from dinocell.k8s.launcher import (
     resolve_namespace,
     run_job,
 )
-from dinocell.k8s.pytorchjob import build_pytorchjob
-from dinocell.k8s.trainjob import build_trainjob
-from dinocell.k8s.validate import ManifestInvalid, validate_object
+from dinocell.launch.pytorchjob import build_pytorchjob
+from dinocell.launch.trainjob import build_trainjob
+from dinocell.launch.validate import ManifestInvalid, validate_object
 
 
 def build_job(spec: JobSpec, backend: str = "pytorchjob") -> dict:
     """The job object for `backend` ('pytorchjob' or 'trainjob')."""
-    from dinocell.k8s.launcher import get_backend
+    from dinocell.launch.launcher import get_backend
 
     return get_backend(backend).build(spec)
 

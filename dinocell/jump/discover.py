@@ -1,6 +1,6 @@
 """Field discovery (`dinocell discover`): find every field (site) of a JUMP source and write the field manifest.
 
-Two ways in, one manifest out (dinocell.data.manifest: one row per field with batch, plate, well, site, split, the URI of
+Two ways in, one manifest out (dinocell.jump.manifest: one row per field with batch, plate, well, site, split, the URI of
 every requested channel and the plate's illumination files):
 
 - **load_data mode (canonical).** Reads the `load_data.csv` / `load_data_with_illum.csv` files that index a JUMP source
@@ -90,8 +90,8 @@ import pyarrow.csv as pacsv
 
 from dinocell import storage
 from dinocell.config import DataConfig
-from dinocell.data import layout
-from dinocell.data.manifest import Manifest, assign_splits
+from dinocell.jump import layout
+from dinocell.jump.manifest import Manifest, assign_splits
 
 __all__ = [
     "LOAD_DATA_NAMES",

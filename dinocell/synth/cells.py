@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, fields
 import cv2
 import numpy as np
 
-from dinocell import ALL_CHANNELS, BRIGHTFIELD_CHANNELS, FLUORESCENT_CHANNELS
+from dinocell.channels import ALL_CHANNELS, BRIGHTFIELD_CHANNELS, FLUORESCENT_CHANNELS
 
 __all__ = [
     "FULL_FIELD",

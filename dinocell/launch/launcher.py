@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dinocell.k8s import pytorchjob as _pytorchjob
-from dinocell.k8s import trainjob as _trainjob
-from dinocell.k8s.jobspec import BACKENDS, JobSpec
-from dinocell.k8s.validate import validate_object
+from dinocell.launch import pytorchjob as _pytorchjob
+from dinocell.launch import trainjob as _trainjob
+from dinocell.launch.jobspec import BACKENDS, JobSpec
+from dinocell.launch.validate import validate_object
 
 log = logging.getLogger(__name__)
 

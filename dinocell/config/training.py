@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dinocell.config import register_section
-from dinocell.train.augment import AugmentConfig
+from dinocell.config.augment import AugmentConfig
 
 _ARCHS = ("vit_tiny", "vit_small", "vit_base")
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from dinocell import FLUORESCENT_CHANNELS
+from dinocell.channels import FLUORESCENT_CHANNELS
 from dinocell.storage import StorageConfig
 
 
@@ -137,7 +137,7 @@ def _ensure_sections_loaded() -> None:
 
 
 # Modules that call register_section at import time.
-_SECTION_MODULES: list[str] = ["dinocell.train.config"]
+_SECTION_MODULES: list[str] = ["dinocell.config.training"]
 
 
 def _to_plain(obj: Any) -> Any:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from dinocell import storage
 from dinocell.log import get_logger
-from dinocell.model.checkpoint import extract_backbone_state_dict, load_dinov3_checkpoint, read_checkpoint
+from dinocell.model.pretrained import extract_backbone_state_dict, load_dinov3_checkpoint, read_checkpoint
 from dinocell.model.vit import DinoVisionTransformer, build_vit
 
 __all__ = ["DEFAULT_NORM", "BackboneInfo", "infer_architecture", "load_backbone", "load_init_backbone"]
@@ -167,7 +167,7 @@ def _parent(uri: str) -> str:
 
 def _read_source(uri: str):
     """(checkpoint object, resolved URI) for a file or a run's checkpoint directory; verifies integrity records."""
-    from dinocell.train.checkpointing import CheckpointManager
+    from dinocell.train.checkpoint import CheckpointManager
 
     if not uri.endswith(_FILE_SUFFIXES) and storage.exists(storage.join(uri, "latest.json")):
         manager = CheckpointManager(uri)
@@ -293,7 +293,7 @@ def _load_plain(obj: Mapping, in_chans: int | None, origin: str):
 
 
 def _load_published(uri: str, in_chans: int | None, device):
-    from dinocell.publish.load import build_published, read_published
+    from dinocell.model.published import build_published, read_published
 
     published = read_published(uri, verify=True)
     model, report = build_published(published, in_chans=in_chans)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinocell import FLUORESCENT_CHANNELS
+from dinocell.channels import FLUORESCENT_CHANNELS
 from dinocell.log import get_logger
 
 __all__ = [
@@ -48,7 +48,7 @@ def default_normalisation() -> tuple[float, float]:
     """(mean, std) of the training crops: AugmentConfig's defaults when that module is importable, else 0.449/0.226
     (ImageNet's mean/std averaged over RGB, the same values)."""
     try:
-        from dinocell.train.augment import AugmentConfig
+        from dinocell.data.multiview import AugmentConfig
     except ImportError:  # pragma: no cover - the augmentation module ships with the package
         return 0.449, 0.226
     cfg = AugmentConfig()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dinocell.k8s.jobspec import (
+from dinocell.launch.jobspec import (
     JobSpec,
     JobSpecError,
     check_derived_name_length,

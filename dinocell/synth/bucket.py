@@ -41,9 +41,10 @@ import cv2
 import numpy as np
 import tifffile
 
-from dinocell import ALL_CHANNELS, FLUORESCENT_CHANNELS, storage
-from dinocell.data import layout
-from dinocell.data.synth_cells import Phenotype, VignetteParams, render_field, vignetting, zoom_for_size
+from dinocell import storage
+from dinocell.channels import ALL_CHANNELS, FLUORESCENT_CHANNELS
+from dinocell.jump import layout
+from dinocell.synth.cells import Phenotype, VignetteParams, render_field, vignetting, zoom_for_size
 
 __all__ = [
     "REAL_SOURCE4_BATCHES",

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from dinocell import storage
-from dinocell.model.checkpoint import LoadReport, load_dinov3_checkpoint
+from dinocell.model.pretrained import LoadReport, load_dinov3_checkpoint
 from dinocell.model.vit import DinoVisionTransformer
 
 __all__ = [
