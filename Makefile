@@ -4,13 +4,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU wheel for development and CI; the GPU image pins its own CUDA build (images/train.Dockerfile).
 TORCH_VERSION ?= 2.13.0
+# Where the CPU torch comes from when no local wheel satisfies TORCH_VERSION (pip's find-links): PyTorch's CPU index,
+# so a laptop does not download GBs of CUDA wheels for the demo. TORCH_INDEX= (empty) uses pip's default index.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS ?= s3,wandb,pipeline,dev
 
 .PHONY: install test demo bench lint compile clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
+	# A local wheel (find-links) first, offline; its small dependencies then come from the usual index.
+	if $(BIN)/pip install --quiet --disable-pip-version-check --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null; \
+	then $(BIN)/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION); \
+	else $(BIN)/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION) \
+		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple); fi
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
 	touch $@
 
@@ -20,7 +27,7 @@ test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: install
-	$(BIN)/python -m dinocell.demo
+	$(BIN)/python pipeline.py demo
 
 bench: install
 	$(BIN)/python bench/run_all.py

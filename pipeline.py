@@ -3,6 +3,11 @@
     python pipeline.py compile [--output pipeline.yaml] [--local-gpus N --local-node-selector K=V ...]
     python pipeline.py run --local [--endpoint URL --source S3_ROOT --outputs S3_PREFIX] [--config tiny] [--set k=v]
     python pipeline.py submit --host URL [--experiment E] [--run-name R] [--package pipeline.yaml] [key=value ...]
+    python pipeline.py demo [--steps] [...]      (`make demo`)
+
+This file holds the pipeline definition and its compilation; running it locally (dinocell.pipeline.local), submitting
+it (dinocell.pipeline.submit) and the demo (dinocell.pipeline.demo) live in the package and take the pipeline
+function from here.
 
 `submit` is the Python twin of the KFP CLI line (both need a live endpoint):
 
@@ -12,7 +17,7 @@ Values are JSON where the parameter is a list or mapping, e.g. `overrides='["tra
 `node_selector='{"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}'`.
 
 The pipeline is flat (five tasks, no nested pipelines or exit handlers). Steps exchange object-storage URIs: each
-writes its data under `<output_root>/<run id>/` (dinocell.steps.RunLayout) and puts the URI in its output artifact's
+writes its data under `<output_root>/<run id>/` (dinocell.pipeline.layout.RunLayout) and puts the URI in its output artifact's
 metadata and in a small pointer file. Run id = `run_name`, or the KFP run's id when that is empty (a rerun with the
 same run_name resumes the shards and the training run).
 
@@ -34,19 +39,15 @@ bucket. To read the public gallery anonymously from AWS while writing outputs to
 settings in the training config's `storage.buckets` (or as an override), e.g.
 `storage.buckets={cellpainting-gallery: {anonymous: true, endpoint_url: ""}}` ("" = AWS itself).
 
-Locally (`run --local`, dinocell.demo), kfp.local runs each component in a subprocess of this Python
+Locally (`run --local`, `demo`: dinocell.pipeline.local / dinocell.pipeline.demo), kfp.local runs each component in a subprocess of this Python
 (SubprocessRunner(use_venv=False)); cluster-only settings (secrets, GPUs, placement) are ignored there.
 (No `from __future__ import annotations` here or in components/: KFP reads the real type annotations.)
 """
 
 import argparse
-import json
 import os
 import sys
-import tempfile
-import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ from kfp import compiler, dsl
 from kfp import kubernetes as kfp_k8s
 
 from components import TRAIN_IMAGE, discover, evaluate, publish, shard, train
-from dinocell import steps
+from dinocell.launch.step import DEFAULT_SECRET
 
 PIPELINE_NAME = "dinocell-pretrain"
 DEFAULT_IMAGES_PREFIX = "s3://cellpainting-gallery/cpg0000-jump-pilot/source_4/images/"
@@ -115,7 +116,7 @@ def make_pipeline(options: TaskOptions | None = None) -> Callable:
         train_image: str = TRAIN_IMAGE,
         node_selector: dict = {},  # noqa: B006
         tolerations: list = [],  # noqa: B006
-        secret_name: str = steps.DEFAULT_SECRET,
+        secret_name: str = DEFAULT_SECRET,
         namespace: str = "",
         cpu_per_node: str = "",
         memory_per_node: str = "",
@@ -170,124 +171,6 @@ def compile_pipeline(output: str | os.PathLike = "pipeline.yaml", options: TaskO
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(make_pipeline(options), package_path=str(out))
     return out
-
-
-# --------------------------------------------------------------------------- arguments for submit
-
-
-def pipeline_parameters(package: str | os.PathLike) -> dict[str, dict]:
-    """The root input parameters of a compiled pipeline: name -> {"type": KFP parameterType, "default": ...}."""
-    import yaml
-
-    with open(package) as f:
-        docs = list(yaml.safe_load_all(f))
-    spec = docs[0]
-    params = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
-    return {name: {"type": p.get("parameterType"), "default": p.get("defaultValue")} for name, p in params.items()}
-
-
-def parse_arguments(items: Sequence[str], parameters: dict[str, dict]) -> dict[str, Any]:
-    """`key=value` strings -> arguments typed by the pipeline's declared parameter types.
-
-    Unlike a blind JSON parse, a string parameter stays a string (`model_version=1.0` is "1.0", not 1.0).
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item or item.startswith("="):
-            raise ValueError(f"argument {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        if key not in parameters:
-            raise ValueError(f"argument {key!r} is not a pipeline parameter; known: {', '.join(sorted(parameters))}")
-        kind = parameters[key]["type"]
-        try:
-            if kind == "STRING":
-                value: Any = raw
-            elif kind == "NUMBER_INTEGER":
-                value = int(raw)
-            elif kind == "NUMBER_DOUBLE":
-                value = float(raw)
-            elif kind == "BOOLEAN":
-                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError("expected true or false")
-                value = raw.lower() in ("true", "1", "yes")
-            elif kind == "LIST":
-                value = json.loads(raw)
-                if not isinstance(value, list):
-                    raise ValueError("expected a JSON list")
-            elif kind == "STRUCT":
-                value = json.loads(raw)
-                if not isinstance(value, dict):
-                    raise ValueError("expected a JSON object")
-            else:
-                value = raw
-        except (ValueError, json.JSONDecodeError) as e:
-            raise ValueError(f"argument {key}={raw!r}: parameter type {kind}: {e}") from None
-        out[key] = value
-    return out
-
-
-def submit(host: str, arguments: Sequence[str] = (), experiment: str = "dinocell", run_name: str = "",
-           package: str | os.PathLike | None = None, namespace: str | None = None, options: TaskOptions | None = None):
-    """Submit a run to a KFP endpoint (kfp.Client.create_run_from_pipeline_package); returns the RunPipelineResult."""
-    import kfp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(package) if package else compile_pipeline(Path(tmp) / "pipeline.yaml", options)
-        args = parse_arguments(arguments, pipeline_parameters(path))
-        client = kfp.Client(host=host, namespace=namespace)
-        return client.create_run_from_pipeline_package(
-            str(path), arguments=args, run_name=run_name or None, experiment_name=experiment, namespace=namespace)
-
-
-# --------------------------------------------------------------------------- local run
-
-
-def local_arguments(source: str, outputs: str, config: str, overrides: Any, endpoint_url: str, run_name: str,
-                    model_name: str, model_version: str, anonymous: bool = False, **extra: Any) -> dict[str, Any]:
-    """Pipeline arguments for a run on this machine: the local training backend, no GPUs."""
-    args = {
-        "images_prefix": steps.storage.join(source, "images") + "/",
-        "output_root": outputs,
-        "run_name": run_name,
-        "config": config,
-        "overrides": steps.parse_overrides(overrides),
-        "s3_endpoint": endpoint_url or "",
-        "s3_anonymous": bool(anonymous),
-        "backend": "local",
-        "gpus_per_node": 0,
-        "model_name": model_name,
-        "model_version": model_version,
-    }
-    args.update(extra)
-    return args
-
-
-def run_local(source: str, outputs: str, workdir: str | os.PathLike, config: str = "tiny", overrides: Any = (),
-              endpoint_url: str = "", *, run_name: str = "", model_name: str = "dinocell-demo",
-              model_version: str = "", anonymous: bool = False, **params: Any) -> steps.PipelineOutcome:
-    """Run the whole pipeline on this machine with kfp.local (one subprocess per step, this Python's packages).
-
-    `source`: source root of a JUMP-layout bucket (its `images/` and `workspace/` live under it); `outputs`: the output
-    root; KFP's own local outputs go to `<workdir>/kfp`, and the evaluation folder (report.html + images) is copied to
-    `<workdir>/eval`. Extra keyword arguments are further pipeline parameters.
-    """
-    from kfp import local
-
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    run_name = run_name or time.strftime("local-%Y%m%d-%H%M%S", time.gmtime())
-    steps.configure_storage(endpoint_url, anonymous)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"))
-    args = local_arguments(source, outputs, config, overrides, endpoint_url, run_name, model_name, model_version,
-                           anonymous, **params)
-    with warnings.catch_warnings():
-        # The subprocess runner warns about image names without "python"; locally the image is not used at all.
-        warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
-        # Cluster-only task settings (display names, caching, secrets, GPUs) are no-ops here, as documented.
-        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*", category=UserWarning)
-        dinocell_pipeline(**args)
-    layout = steps.RunLayout(outputs, run_name, params.get("models_prefix", ""))
-    return steps.collect_outcome(layout, model_name, layout.model_version(model_version), workdir)
 
 
 # --------------------------------------------------------------------------- command line
@@ -351,18 +234,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="dinocell-demo")
     p.add_argument("--model-version", default="")
 
-    p = sub.add_parser("submit", help="submit a run to a KFP endpoint")
+    p = sub.add_parser("submit", help="submit a compiled pipeline to a KFP endpoint")
     p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     p.add_argument("--experiment", default="dinocell")
     p.add_argument("--run-name", default="")
     p.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
-    p.add_argument("--package", default=None, help="a compiled pipeline.yaml (default: compile now)")
+    p.add_argument("--package", default="pipeline.yaml",
+                   help="the compiled pipeline (default pipeline.yaml): the images baked in at compile time are the "
+                   "ones that run, so compile with DINOCELL_IMAGE / DINOCELL_TRAIN_IMAGE set first")
     p.add_argument("arguments", nargs="*", metavar="KEY=VALUE", help="pipeline parameters")
-    task_options(p)
+
+    sub.add_parser("demo", add_help=False, help="`make demo`: the whole pipeline on a synthetic bucket served by a "
+                   "local S3 server (options: python pipeline.py demo --help)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:
+        from dinocell.pipeline import demo
+
+        return demo.main(argv[1:], pipeline_func=dinocell_pipeline)
     args = build_parser().parse_args(argv)
     if args.command == "compile":
         out = compile_pipeline(args.output, _options(args))
@@ -372,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.endpoint:
             if args.source or args.outputs:
                 raise SystemExit("pipeline.py run: --source/--outputs need --endpoint (without it the demo bucket is used)")
-            from dinocell import demo
+            from dinocell.pipeline import demo
 
             demo_args = ["--workdir", args.workdir, "--config", args.config, "--model-name", args.model_name]
             demo_args += [a for o in args.overrides for a in ("--set", o)]
@@ -380,20 +272,25 @@ def main(argv: list[str] | None = None) -> int:
                 demo_args += ["--run-name", args.run_name]
             if args.model_version:
                 demo_args += ["--model-version", args.model_version]
-            return demo.main(demo_args)
+            return demo.main(demo_args, pipeline_func=dinocell_pipeline)
         if not (args.source and args.outputs):
             raise SystemExit("pipeline.py run --endpoint: give --source and --outputs")
-        outcome = run_local(args.source, args.outputs, args.workdir, args.config, args.overrides, args.endpoint,
-                            run_name=args.run_name, model_name=args.model_name, model_version=args.model_version,
-                            anonymous=args.anonymous)
+        from dinocell.pipeline.local import run_local
+
+        outcome = run_local(dinocell_pipeline, args.source, args.outputs, args.workdir, args.config, args.overrides,
+                            args.endpoint, run_name=args.run_name, model_name=args.model_name,
+                            model_version=args.model_version, anonymous=args.anonymous)
         print(outcome.format())
         return 0
-    result = submit(args.host, args.arguments, args.experiment, args.run_name, args.package, args.namespace,
-                    _options(args))
+    from dinocell.pipeline.submit import submit
+
+    try:
+        result = submit(args.host, args.package, args.arguments, args.experiment, args.run_name, args.namespace)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"pipeline.py submit: {e}") from None
     print(f"submitted run {getattr(result, 'run_id', result)}")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

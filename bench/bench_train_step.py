@@ -6,12 +6,15 @@
   python bench/bench_train_step.py --device cpu             # CPU: reduced config (the anchor's --tiny sizes), fp32
   python bench/bench_train_step.py --with-ref               # also run ../shared/bench/ref_step_bench.py in this
                                                             # command (same sizes) and print our/ref ratios
-Options: --modes eager,compile,compile+ckpt  --batch B  --iters N  --warmup N  --with-augment  --ref PATH  --json-out F
+Options: --modes eager,compile,compile+ckpt  --batch B  --iters N  --warmup N  --with-augment [--masks-in-step]
+         --ref PATH  --json-out F
 
 The timed step is the trainer's: schedules -> zero_grad -> forward-backward (teacher Sinkhorn targets, student on
 all crops in one multi-crop pass, DINO + iBOT + KoLeo) -> per-part clipping -> finite check (one host sync, as the
 trainer) -> AdamW step -> EMA update. Inputs are pre-generated crops and iBOT masks (3 sets, rotated), as the anchor;
---with-augment times the multi-view augmentation of uint8 fields inside the step instead.
+--with-augment times the multi-view augmentation of uint8 fields inside the step instead (the iBOT masks still come
+with the batch, built beforehand, as the trainer's DataLoader workers build them; --masks-in-step also builds them in
+the step, on the training process's critical path, as the trainer did before).
 
 FLOPs are analytic model FLOPs (matmuls only; activation-checkpoint recompute not counted), by the anchor's method:
 a linear with M rows, K inputs, N outputs costs 2*M*N*K; a ViT block 24*n*T*D^2 + 4*n*T^2*D forward; backward =
@@ -127,7 +130,15 @@ def make_fields(batch: int, size: int, device: torch.device, n_sets: int = 3) ->
             for _ in range(n_sets)]
 
 
-def build_step(cfg: Config, device: torch.device, compile_: bool, checkpointing: bool, with_augment: bool):
+def make_masks(cfg: Config, batch: int, n_sets: int = 3) -> list:
+    """iBOT masks made with the batch (on the CPU, as in the trainer's DataLoader workers)."""
+    grid = (cfg.augment.global_size // cfg.model.patch_size,) * 2
+    return [collate_masks(2 * batch, grid, tuple(cfg.loss.mask_ratio_min_max), cfg.loss.mask_probability,
+                          generator=i) for i in range(n_sets)]
+
+
+def build_step(cfg: Config, device: torch.device, compile_: bool, checkpointing: bool, with_augment: bool,
+               masks_in_step: bool = False):
     torch.manual_seed(0)
     cfg.model.activation_checkpointing = checkpointing
     meta = SSLMetaArch(cfg.model, cfg.loss, precision=cfg.train.precision).to(device).train()
@@ -142,9 +153,11 @@ def build_step(cfg: Config, device: torch.device, compile_: bool, checkpointing:
 
     def step(data) -> torch.Tensor:
         if with_augment:
-            views = augment(data, names, aug_gen)
-            masks = collate_masks(views.global_crops.shape[0], grid, tuple(cfg.loss.mask_ratio_min_max),
-                                  cfg.loss.mask_probability, generator=mask_gen)
+            fields, masks = data
+            views = augment(fields, names, aug_gen)
+            if masks_in_step:
+                masks = collate_masks(views.global_crops.shape[0], grid, tuple(cfg.loss.mask_ratio_min_max),
+                                      cfg.loss.mask_probability, generator=mask_gen)
             data = SSLInputs(views.global_crops, views.local_crops, mask_batch_to(masks, device))
         apply_schedules(opt, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.lr)
         opt.zero_grad(set_to_none=True)
@@ -165,9 +178,12 @@ def run_mode(args, cfg, batch, device, mode: str, peak: float) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    step, meta = build_step(cfg, device, compile_, ckpt, args.with_augment)
+    step, meta = build_step(cfg, device, compile_, ckpt, args.with_augment, args.masks_in_step)
     field_size = args.field_size or (540 if cfg.augment.global_size >= 224 else 4 * cfg.augment.global_size)
-    data = make_fields(batch, field_size, device) if args.with_augment else make_inputs(cfg, batch, device)
+    if args.with_augment:
+        data = list(zip(make_fields(batch, field_size, device), make_masks(cfg, batch)))
+    else:
+        data = make_inputs(cfg, batch, device)
     times, losses = [], []
     t_start = time.perf_counter()
     warmup_s = None
@@ -188,6 +204,7 @@ def run_mode(args, cfg, batch, device, mode: str, peak: float) -> dict:
     return {
         "bench": "dinocell", "mode": mode, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch, "precision": cfg.train.precision, "with_augment": args.with_augment,
+        "masks_in_step": args.masks_in_step,
         "s_per_iter_median": med, "s_per_iter_min": min(times), "fields_per_s": batch / med,
         "tflop_per_iter": flops / 1e12, "achieved_tflops": flops / med / 1e12, "matmul_peak_tflops": peak,
         "mfu": flops / med / 1e12 / peak,
@@ -235,6 +252,8 @@ def main() -> int:
     ap.add_argument("--modes", default=None, help="comma list of eager, compile, compile+ckpt, eager+ckpt "
                     "(default: eager,compile on GPU; eager on CPU)")
     ap.add_argument("--with-augment", action="store_true", help="time the augmentation of uint8 fields in the step")
+    ap.add_argument("--masks-in-step", action="store_true",
+                    help="with --with-augment: also build the iBOT masks in the step (the trainer's old critical path)")
     ap.add_argument("--field-size", type=int, default=0, help="field side for --with-augment (default 540 full)")
     ap.add_argument("--with-ref", action="store_true", help="also run the plain-PyTorch anchor and print ratios")
     ap.add_argument("--ref", default=str(DEFAULT_REF), help="anchor script (default ../shared/bench/ref_step_bench.py)")

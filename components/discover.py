@@ -1,4 +1,4 @@
-"""KFP component: find the fields of the source and write the field manifest (dinocell.steps.discover_step)."""
+"""KFP component: find the fields of the source and write the field manifest (dinocell.jump.step.discover)."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Markdown, Output
@@ -21,13 +21,15 @@ def discover(
     manifest: Output[Dataset],
     summary: Output[Markdown],
 ):
-    from dinocell import steps
+    from dinocell.jump import step
+    from dinocell.pipeline.layout import RunLayout
+    from dinocell.pipeline.pointers import write_pointer
 
-    layout = steps.RunLayout.for_run(output_root, run_name, job_id)
-    out = steps.discover_step(
+    layout = RunLayout.for_run(output_root, run_name, job_id)
+    out = step.discover(
         config, overrides, manifest_uri=layout.manifest, images_prefix=images_prefix, load_data=load_data,
         mode=mode, endpoint_url=s3_endpoint, anonymous=s3_anonymous,
     )
-    manifest.metadata.update(steps.write_pointer(manifest.path, out.manifest_uri, **out.metadata()))
+    manifest.metadata.update(write_pointer(manifest.path, out.manifest_uri, **out.metadata()))
     with open(summary.path, "w") as f:
         f.write(out.markdown())

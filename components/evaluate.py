@@ -1,4 +1,4 @@
-"""KFP component: channel-consistency evaluation of the checkpoint (dinocell.steps.evaluate_step).
+"""KFP component: channel-consistency evaluation of the checkpoint (dinocell.eval.step.evaluate).
 
 Outputs: one KFP metric per scalar (Metrics), the HTML report with its images embedded (HTML), the summary table
 (Markdown), and the URI of metrics.json as the return value (for the publish step).
@@ -26,12 +26,14 @@ def evaluate(
     report: Output[HTML],
     summary: Output[Markdown],
 ) -> str:
-    from dinocell import steps
+    from dinocell.eval import step
+    from dinocell.pipeline.layout import RunLayout
+    from dinocell.pipeline.pointers import read_pointer
 
-    layout = steps.RunLayout.for_run(output_root, run_name, job_id)
-    out = steps.evaluate_step(
-        config, overrides, checkpoint_uri=steps.read_pointer(checkpoint.metadata, checkpoint.path, "checkpoint"),
-        manifest_uri=steps.read_pointer(manifest.metadata, manifest.path, "manifest"), out_uri=layout.eval,
+    layout = RunLayout.for_run(output_root, run_name, job_id)
+    out = step.evaluate(
+        config, overrides, checkpoint_uri=read_pointer(checkpoint.metadata, checkpoint.path, "checkpoint"),
+        manifest_uri=read_pointer(manifest.metadata, manifest.path, "manifest"), out_uri=layout.eval,
         baseline=baseline, endpoint_url=s3_endpoint, anonymous=s3_anonymous,
     )
     for name, value in out.scalars.items():

@@ -1,4 +1,4 @@
-"""KFP component: publish the checkpoint's teacher backbone as a versioned model (dinocell.steps.publish_step)."""
+"""KFP component: publish the checkpoint's teacher backbone as a versioned model (dinocell.publish.step.publish)."""
 
 from kfp import dsl
 from kfp.dsl import Input, Model, Output
@@ -22,12 +22,14 @@ def publish(
     s3_anonymous: bool,
     model: Output[Model],
 ):
-    from dinocell import steps
+    from dinocell.pipeline.layout import RunLayout
+    from dinocell.pipeline.pointers import read_pointer, write_pointer
+    from dinocell.publish import step
 
-    layout = steps.RunLayout.for_run(output_root, run_name, job_id, models_prefix)
-    out = steps.publish_step(
-        steps.read_pointer(checkpoint.metadata, checkpoint.path, "checkpoint"), dest_prefix=layout.models,
+    layout = RunLayout.for_run(output_root, run_name, job_id, models_prefix)
+    out = step.publish(
+        read_pointer(checkpoint.metadata, checkpoint.path, "checkpoint"), dest_prefix=layout.models,
         name=model_name, version=layout.model_version(model_version), metrics_uri=metrics_uri, config=config,
         overrides=overrides, endpoint_url=s3_endpoint, anonymous=s3_anonymous,
     )
-    model.metadata.update(steps.write_pointer(model.path, out.uri, **out.metadata()))
+    model.metadata.update(write_pointer(model.path, out.uri, **out.metadata()))

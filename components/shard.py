@@ -1,4 +1,4 @@
-"""KFP component: preprocess the manifest's training fields into tar shards (dinocell.steps.shard_step)."""
+"""KFP component: preprocess the manifest's training fields into tar shards (dinocell.data.step.shard)."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
@@ -18,11 +18,13 @@ def shard(
     s3_anonymous: bool,
     shards: Output[Dataset],
 ):
-    from dinocell import steps
+    from dinocell.data import step
+    from dinocell.pipeline.layout import RunLayout
+    from dinocell.pipeline.pointers import read_pointer, write_pointer
 
-    layout = steps.RunLayout.for_run(output_root, run_name, job_id)
-    out = steps.shard_step(
-        config, overrides, manifest_uri=steps.read_pointer(manifest.metadata, manifest.path, "manifest"),
+    layout = RunLayout.for_run(output_root, run_name, job_id)
+    out = step.shard(
+        config, overrides, manifest_uri=read_pointer(manifest.metadata, manifest.path, "manifest"),
         shards_prefix=layout.shards, endpoint_url=s3_endpoint, anonymous=s3_anonymous,
     )
-    shards.metadata.update(steps.write_pointer(shards.path, out.index_uri, **out.metadata()))
+    shards.metadata.update(write_pointer(shards.path, out.index_uri, **out.metadata()))

@@ -1,4 +1,4 @@
-"""KFP component: the training launcher (dinocell.steps.train_step).
+"""KFP component: the training launcher (dinocell.launch.step.train).
 
 backend "local" trains inside this step's pod (give the task a GPU: `python pipeline.py compile --local-gpus N`);
 "pytorchjob" / "trainjob" create a Kubernetes job whose pods get the GPUs (gpus_per_node x nodes, node selector,
@@ -37,16 +37,18 @@ def train(
     s3_anonymous: bool,
     checkpoint: Output[Model],
 ):
-    from dinocell import steps
+    from dinocell.launch import step
+    from dinocell.pipeline.layout import RunLayout
+    from dinocell.pipeline.pointers import read_pointer, write_pointer
 
-    layout = steps.RunLayout.for_run(output_root, run_name, job_id)
-    out = steps.train_step(
+    layout = RunLayout.for_run(output_root, run_name, job_id)
+    out = step.train(
         config, overrides, output_dir=layout.train_output_dir, config_uri=layout.train_config,
-        shards_index_uri=steps.read_pointer(shards.metadata, shards.path, "shards"),
-        manifest_uri=steps.read_pointer(manifest.metadata, manifest.path, "manifest"),
+        shards_index_uri=read_pointer(shards.metadata, shards.path, "shards"),
+        manifest_uri=read_pointer(manifest.metadata, manifest.path, "manifest"),
         backend=backend, nodes=nodes, gpus_per_node=gpus_per_node, nproc_per_node=nproc_per_node, image=train_image,
         node_selector=node_selector, tolerations=tolerations, secret_name=secret_name, namespace=namespace,
         cpu_per_node=cpu_per_node, memory_per_node=memory_per_node, timeout_s=timeout_hours * 3600,
         endpoint_url=s3_endpoint, anonymous=s3_anonymous,
     )
-    checkpoint.metadata.update(steps.write_pointer(checkpoint.path, out.checkpoint_uri, **out.metadata()))
+    checkpoint.metadata.update(write_pointer(checkpoint.path, out.checkpoint_uri, **out.metadata()))

@@ -1,9 +1,14 @@
-"""The `dinocell` command: one subcommand per pipeline step, each a thin layer over the package.
+"""The `dinocell` command: one subcommand per pipeline step, each calling that step's one entry.
+
+The same entries serve the KFP components and the demo: dinocell.jump.step.discover, dinocell.data.step.shard,
+dinocell.launch.step.train (-> dinocell.train.step.pretrain), dinocell.eval.step.evaluate, dinocell.publish.step.publish.
+
 
     dinocell synth     --out s3://bucket/cpg0000-jump-pilot/source_4 [--size 256 ...]
     dinocell discover  --config C [--set data.batches=[...]] --out manifest.parquet
     dinocell shard     --config C --manifest M --out s3://.../shards
-    dinocell pretrain  --config C [--set ...]
+    dinocell pretrain  --config C [--set ...]           (the training process itself; torchrun runs it per GPU)
+    dinocell train     --config C --output-dir D [--backend local|pytorchjob|trainjob ...]   (the pipeline's step)
     dinocell evaluate  --config C --checkpoint URI --manifest M --out DIR
     dinocell publish   --checkpoint URI --dest s3://models --name N --version V
     dinocell config    --config C [--set ...]          (print the resolved config)
@@ -19,6 +24,7 @@ import os
 import sys
 import time
 
+from dinocell._version import __version__
 from dinocell.log import get_logger, setup_logging
 
 log = get_logger("cli")
@@ -31,13 +37,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_cfg(args):
-    from dinocell import storage
-    from dinocell.config import load_config, resolve_config_path
+    from dinocell.config.step_args import load_step_config
 
-    path = resolve_config_path(args.config) if args.config else None
-    cfg = load_config(path, args.overrides)
-    storage.configure(cfg.storage)
-    return cfg
+    return load_step_config(args.config or "", args.overrides)
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -69,64 +71,62 @@ def cmd_synth(args) -> int:
 
 
 def cmd_discover(args) -> int:
-    from dinocell.jump.discover import discover_fields, write_discovery
+    from dinocell.jump.step import discover
 
-    cfg = _load_cfg(args)
-    if args.images_prefix:
-        cfg.data.images_prefix = args.images_prefix
-    if args.load_data:
-        cfg.data.load_data = list(args.load_data)
-    out = args.out or cfg.data.manifest
-    if not out:
-        raise SystemExit("dinocell discover: give --out or data.manifest (where to write the field manifest)")
-    result = discover_fields(cfg.data, mode=args.mode)
-    write_discovery(result, out)
-    print(result.format_summary())
-    print(f"manifest: {out}")
+    out = discover(args.config or "", args.overrides, manifest_uri=args.out or "", images_prefix=args.images_prefix or "",
+                   load_data=list(args.load_data), mode=args.mode)
+    print(out.summary_text)
+    print(f"manifest: {out.manifest_uri}")
     return 0
 
 
 def cmd_shard(args) -> int:
-    from dinocell.data.shards import write_shards
-    from dinocell.jump.manifest import Manifest
+    from dinocell.data.step import shard
 
-    cfg = _load_cfg(args)
-    manifest_uri = args.manifest or cfg.data.manifest
-    out = args.out or cfg.shard.output
-    if not manifest_uri or not out:
-        raise SystemExit("dinocell shard: give --manifest (or data.manifest) and --out (or shard.output)")
-    if args.split:
-        cfg.shard.split = args.split
-    manifest = Manifest.read(manifest_uri)
-    index = write_shards(manifest, out, cfg.shard, cfg.preprocess)
-    print(index.format_summary())
+    out = shard(args.config or "", args.overrides, manifest_uri=args.manifest or "", shards_prefix=args.out or "",
+                split=args.split or "")
+    print(out.summary_text)
     return 0
 
 
 def cmd_pretrain(args) -> int:
-    from dinocell.train.trainer import pretrain
+    from dinocell.train.step import pretrain
 
-    cfg = _load_cfg(args)
-    result = pretrain(cfg)
+    result = pretrain(_load_cfg(args))
     if result is not None and os.environ.get("RANK", "0") == "0":
         print(f"final checkpoint: {result.final_checkpoint}\nrun directory: {result.run_dir}")
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    from dinocell.eval.run import evaluate_cli
+def cmd_train(args) -> int:
+    from dinocell.launch.step import train
 
-    cfg = _load_cfg(args)
-    if args.channels:
-        args.channels = [c.strip() for c in args.channels.split(",") if c.strip()]
-    return evaluate_cli(cfg, args)
+    out = train(args.config or "", args.overrides, output_dir=args.output_dir, shards_index_uri=args.shards or "",
+                manifest_uri=args.manifest or "", backend=args.backend, nodes=args.nodes,
+                gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node, image=args.image or "",
+                namespace=args.namespace or "", node_selector=args.node_selector or None,
+                tolerations=args.tolerations or None, secret_name=args.secret_name)
+    print(f"final checkpoint: {out.checkpoint_uri}\nrun outputs: {out.output_uri}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from dinocell.eval.step import evaluate
+
+    out = evaluate(args.config or "", args.overrides, checkpoint_uri=args.checkpoint, out_uri=args.out,
+                   manifest_uri=args.manifest or "", baseline=args.baseline, max_fields=args.max_fields,
+                   channels=args.channels or (), split=args.split or "val", size=args.size, device=args.device)
+    print(f"evaluation report: {out.report_uri}")
+    return 0
 
 
 def cmd_publish(args) -> int:
-    from dinocell.publish.publish import publish_cli
+    from dinocell.publish.step import publish
 
-    cfg = _load_cfg(args)
-    return publish_cli(cfg, args)
+    out = publish(args.checkpoint, dest_prefix=args.dest, name=args.name, version=args.version,
+                  metrics_uri=args.metrics or "", config=args.config or "", overrides=args.overrides)
+    print(out.summary)
+    return 0
 
 
 def cmd_serve_s3(args) -> int:
@@ -148,6 +148,8 @@ def cmd_serve_s3(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dinocell", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"dinocell {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="print the resolved config")
@@ -190,6 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(fn=cmd_pretrain)
 
+    p = sub.add_parser("train", help="the pipeline's train step: write the run config, train with a backend "
+                       "(local / pytorchjob / trainjob) and report the final checkpoint")
+    _add_config_args(p)
+    p.add_argument("--output-dir", required=True, help="run output root: <output-dir>/train/checkpoints/...")
+    p.add_argument("--shards", default=None, help="shard index.json URI (default: loader.shards)")
+    p.add_argument("--manifest", default=None, help="field manifest (default: data.manifest)")
+    p.add_argument("--backend", choices=["local", "pytorchjob", "trainjob"], default="local")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--nproc-per-node", type=int, default=0, help="0: one per GPU (or 1)")
+    p.add_argument("--image", default=None, help="CUDA training image (k8s backends)")
+    p.add_argument("--namespace", default=None)
+    p.add_argument("--node-selector", default=None, help='JSON mapping, e.g. {"nvidia.com/gpu.product": "..."}')
+    p.add_argument("--tolerations", default=None, help="JSON list of tolerations")
+    p.add_argument("--secret-name", default="dinocell-storage", help="storage credentials Secret (k8s backends)")
+    p.set_defaults(fn=cmd_train)
+
     p = sub.add_parser("evaluate", help="channel-consistency evaluation of a checkpoint")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True)
@@ -220,16 +239,29 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    args = build_parser().parse_args(argv)
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that mean the input is wrong (a path, a URI, a config field, credentials): one line, no traceback."""
     from dinocell.config import ConfigError
+    from dinocell.config.step_args import StepError
+    from dinocell.storage import StorageError
 
+    return (ConfigError, StepError, StorageError, FileNotFoundError, PermissionError, ValueError, KeyError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("DEBUG" if args.debug else None)
     try:
         return args.fn(args) or 0
-    except ConfigError as e:
-        print(f"dinocell {args.command}: {e}", file=sys.stderr)
+    except _user_error_types() as e:
+        if args.debug:
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"dinocell {args.command}: {message}  (--debug shows the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dinocell {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Shared fixtures: a real S3 server on loopback and a fresh bucket per test, wired into the storage layer."""
+"""Shared fixtures: a real S3 server on loopback and a fresh bucket per test, wired into the storage layer; `buckets`,
+the helpers that fill a test bucket (objects, manifest fields, small synthetic JUMP buckets and their manifest)."""
 
 from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterable, Mapping
 
 import pytest
 
@@ -48,3 +50,56 @@ def public_bucket(s3_server):
         yield name
     finally:
         storage.configure(old)
+
+
+class Buckets:
+    """Builders of small test buckets, local (a directory) or S3 (an s3:// prefix); the `buckets` fixture.
+
+    put: write objects; field: write one field's channel images and return its manifest record; synth: a small
+    synthetic JUMP-layout bucket (dinocell.synth); manifest: discover the fields of a synth bucket.
+    """
+
+    # What `synth` writes unless told otherwise: 1 batch, 1 plate, 2 wells, 1 site, 64 x 64 (2 fields, 16 images).
+    SMALL_SYNTH = {"batches": 1, "plates_per_batch": 1, "wells_per_plate": 2, "sites_per_well": 1, "size": 64}
+
+    @staticmethod
+    def put(objects: Mapping[str, bytes] | Iterable[tuple[str, bytes]], workers: int = 16) -> list[str]:
+        """Write (uri, bytes) objects in parallel; returns their URIs in order."""
+        items = list(objects.items() if isinstance(objects, Mapping) else objects)
+        storage.map_parallel(lambda item: storage.write_bytes(*item), items, max_workers=workers)
+        return [uri for uri, _ in items]
+
+    @staticmethod
+    def field(batch: str, plate: str, well: str, site: int, images: Mapping[str, tuple[str, bytes | None]],
+              split: str = "train"):
+        """Write one field's images, {channel: (uri, bytes)}, in channel order, and return its FieldRecord.
+
+        bytes None: the record names the URI but nothing is written there (a missing channel).
+        """
+        from dinocell.jump.manifest import FieldRecord, make_field_id
+
+        for uri, data in images.values():
+            if data is not None:
+                storage.write_bytes(uri, data)
+        uris = {ch: uri for ch, (uri, _) in images.items()}
+        return FieldRecord(make_field_id(batch, plate, well, site), batch, plate, well, site, split, uris)
+
+    def synth(self, root, **overrides):
+        """dinocell.synth.synth_bucket(root, **SMALL_SYNTH | overrides): returns its SynthReport."""
+        from dinocell.synth import synth_bucket
+
+        return synth_bucket(str(root), **{**self.SMALL_SYNTH, **overrides})
+
+    @staticmethod
+    def manifest(report, mode: str = "auto", val_fraction: float = 0.0, **data_kw):
+        """The field manifest that `dinocell discover` finds in a synth bucket (images prefix <source_root>/images)."""
+        from dinocell.config import DataConfig
+        from dinocell.jump.discover import discover_fields
+
+        cfg = DataConfig(images_prefix=storage.join(report.source_root, "images"), val_fraction=val_fraction, **data_kw)
+        return discover_fields(cfg, mode=mode).manifest
+
+
+@pytest.fixture(scope="session")
+def buckets() -> Buckets:
+    return Buckets()

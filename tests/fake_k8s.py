@@ -1,10 +1,11 @@
 """A small fake Kubernetes API server for launcher tests: real HTTP on 127.0.0.1, in a thread.
 
-It serves only what dinocell.launch.launcher calls, with the API server's wire format, so the real `kubernetes` client
+It serves only what dinocell.launch.run_job calls, with the API server's wire format, so the real `kubernetes` client
 talks to it unchanged:
   POST/GET/DELETE /apis/{group}/{version}/namespaces/{ns}/{plural}[/{name}]   (pytorchjobs, trainjobs)
   GET /api/v1/namespaces/{ns}/pods?labelSelector=k=v,k2=v2                     (equality selectors)
   GET /api/v1/namespaces/{ns}/pods/{pod}/log?container=&timestamps=&sinceSeconds=
+  GET /apis/kueue.x-k8s.io/v1beta1/namespaces/{ns}/workloads?labelSelector=kueue.x-k8s.io/job-uid=UID  (kueue=True)
 Created objects are checked against the vendored CRD schema (422 Invalid, like a structural-schema rejection).
 A stand-in "operator" creates the pods the real one would (names and labels of the Training Operator / JobSet) and
 moves each job through a scripted Scenario, one step per GET of the job (one launcher poll):
@@ -12,6 +13,9 @@ moves each job through a scripted Scenario, one step per GET of the job (one lau
            `log_lines` per poll), then the success condition;
   fail:    as succeed, then condition Failed with `reason`/`message`;
   never_start: pods stay Pending (unschedulable) forever.
+Before any of these, a job can wait `queued_polls` polls in a Kueue queue: suspended (the suspend flag set, as Kueue's
+webhook does, and condition Suspended), no pods, and, when it carries the queue label, a Workload whose QuotaReserved
+condition is False with `queue_message`; then it is admitted (resumed, pods created) and the outcome's clock starts.
 """
 
 from __future__ import annotations
@@ -44,6 +48,15 @@ class Scenario:
     reason: str = "PyTorchJobFailed"
     message: str = "PyTorchJob train is failed because 1 Master replica(s) failed."
     pending_message: str = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    queued_polls: int = 0
+    queue_message: str = (
+        "couldn't assign flavors to pod set master: insufficient unused quota for nvidia.com/gpu in flavor h100, "
+        "8 more needed"
+    )
+
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+WORKLOADS = ("kueue.x-k8s.io", "v1beta1", "workloads")
 
 
 def _go_bool(text: str | None) -> bool:
@@ -70,11 +83,14 @@ class _Job:
         self.pods: list[dict] = []
         self.log: list[tuple[int, str]] = []  # (ns timestamp, line) of the master pod
         self.logged = 0
+        self.admitted = scenario.queued_polls <= 0
+        self.workload: dict | None = None  # the Kueue Workload, for a queued job with the queue label
 
 
 class FakeKubernetes:
-    def __init__(self, validate: bool = True, kinds: dict | None = None):
+    def __init__(self, validate: bool = True, kinds: dict | None = None, kueue: bool = True):
         self.validate = validate
+        self.kueue = kueue  # Kueue installed: its workloads API answers
         self.kinds = dict(KINDS if kinds is None else kinds)  # the CRDs "installed" in this cluster
         self.default_scenario = Scenario()
         self.scenarios: dict[str, Scenario] = {}
@@ -155,6 +171,8 @@ class FakeKubernetes:
         m = re.fullmatch(r"/apis/([^/]+)/([^/]+)/namespaces/([^/]+)/([^/]+)(?:/([^/]+))?", path)
         if m:
             group, version, ns, plural, name = m.groups()
+            if (group, version, plural) == WORKLOADS and self.kueue and method == "GET" and name is None:
+                return self._list_workloads(ns, query.get("labelSelector", ""))
             kind = self.kinds.get((group, version, plural))
             if kind is None:
                 return self._status(404, "NotFound", "the server could not find the requested resource")
@@ -200,9 +218,12 @@ class FakeKubernetes:
             namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=_now_rfc3339(), resourceVersion="1", generation=1
         )
         job = _Job(kind, stored, self.scenarios.get(name, self.default_scenario))
-        job.pods = self._make_pods(kind, stored)
         if kind == "PyTorchJob":
             self._set_condition(job, "Created", "PyTorchJobCreated", f"PyTorchJob {name} is created.")
+        if job.admitted:
+            job.pods = self._make_pods(kind, stored)
+        else:
+            self._queue(job)
         self.jobs[key] = job
         self.created.append(stored)
         return 201, stored
@@ -271,6 +292,70 @@ class FakeKubernetes:
             "status": {"phase": "Pending"},
         }
 
+    # ---- the stand-in Kueue ----------------------------------------------------------------------------------
+    def _suspend_flag(self, job: _Job, value: bool) -> None:
+        if job.kind == "PyTorchJob":
+            job.obj["spec"].setdefault("runPolicy", {})["suspend"] = value
+        else:
+            job.obj["spec"]["suspend"] = value
+
+    def _queue(self, job: _Job) -> None:
+        """Held in the queue: suspended, no pods; a Workload if the job names a queue."""
+        self._suspend_flag(job, True)
+        reason = "PyTorchJobSuspended" if job.kind == "PyTorchJob" else "Suspended"
+        self._set_condition(job, "Suspended", reason, f"{job.kind} {job.obj['metadata']['name']} is suspended.")
+        queue = job.obj["metadata"].get("labels", {}).get(KUEUE_QUEUE_LABEL)
+        if queue:
+            meta = job.obj["metadata"]
+            job.workload = {
+                "apiVersion": "kueue.x-k8s.io/v1beta1",
+                "kind": "Workload",
+                "metadata": {
+                    "name": f"{job.kind.lower()}-{meta['name']}-{meta['uid'][:5]}",
+                    "namespace": meta["namespace"],
+                    "labels": {"kueue.x-k8s.io/job-uid": meta["uid"]},
+                },
+                "spec": {"queueName": queue},
+                "status": {
+                    "conditions": [
+                        {
+                            "type": "QuotaReserved",
+                            "status": "False",
+                            "reason": "Pending",
+                            "message": job.scenario.queue_message,
+                            "lastTransitionTime": _now_rfc3339(),
+                        }
+                    ]
+                },
+            }
+
+    def _admit(self, job: _Job) -> None:
+        self._suspend_flag(job, False)
+        for c in job.obj["status"]["conditions"]:
+            if c["type"] == "Suspended":
+                c.update(status="False", reason="Resumed", message=f"{job.kind} is resumed.")
+        if job.workload is not None:
+            job.workload["status"]["conditions"] = [
+                {"type": t, "status": "True", "reason": r, "message": m, "lastTransitionTime": _now_rfc3339()}
+                for t, r, m in (
+                    ("QuotaReserved", "QuotaReserved", "Quota reserved in ClusterQueue gpus"),
+                    ("Admitted", "Admitted", "The workload is admitted"),
+                )
+            ]
+        job.pods = self._make_pods(job.kind, job.obj)
+        job.admitted = True
+
+    def _list_workloads(self, ns: str, selector: str):
+        wanted = dict(term.split("=", 1) for term in filter(None, selector.split(",")))
+        items = [
+            job.workload
+            for job in self.jobs.values()
+            if job.workload is not None
+            and job.workload["metadata"]["namespace"] == ns
+            and all(job.workload["metadata"]["labels"].get(k) == v for k, v in wanted.items())
+        ]
+        return 200, {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "WorkloadList", "metadata": {}, "items": items}
+
     def _set_condition(self, job: _Job, ctype: str, reason: str, message: str) -> None:
         conds = job.obj.setdefault("status", {}).setdefault("conditions", [])
         now = _now_rfc3339()
@@ -310,15 +395,20 @@ class FakeKubernetes:
         """One poll of the job: move its scripted lifecycle one step."""
         sc, name = job.scenario, job.obj["metadata"]["name"]
         job.polls += 1
+        if not job.admitted:
+            if job.polls <= sc.queued_polls:
+                return
+            self._admit(job)
+        polls = job.polls - max(0, sc.queued_polls)  # polls since admission
         if sc.outcome == "never_start":
             self._set_phase(job, "Pending", sc.pending_message)
             return
         done = any(
             c["type"] in ("Succeeded", "Complete", "Failed") for c in job.obj.get("status", {}).get("conditions", [])
         )
-        if done or job.polls <= sc.start_after:
+        if done or polls <= sc.start_after:
             return
-        running_for = job.polls - sc.start_after  # 1 .. run_polls while running
+        running_for = polls - sc.start_after  # 1 .. run_polls while running
         if running_for == 1:
             self._set_phase(job, "Running")
             if job.kind == "PyTorchJob":

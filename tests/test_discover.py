@@ -14,10 +14,12 @@ import pytest
 
 from dinocell import storage
 from dinocell.config import DataConfig
-from dinocell.jump import discover as dsc
-from dinocell.jump.discover import DiscoveryError, discover_fields, reroot_path, write_discovery
+from dinocell.jump import exclusions
+from dinocell.jump.discover import discover_fields, write_discovery
+from dinocell.jump.exclusions import DiscoveryError
 from dinocell.jump.layout import CPJUMP1_CHANNEL_NUMBERS, image_filename, plate_dir_name
 from dinocell.jump.manifest import Manifest
+from dinocell.jump.reroot import reroot_path
 
 FLUO = ["DNA", "ER", "RNA", "AGP", "Mito"]
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "phenix_BR00121482_A01_s1"
@@ -81,6 +83,38 @@ def accounted(result) -> bool:
     return s["rows_read"] == s["fields"] + s["excluded_total"] + sum(s["not_selected"].values())
 
 
+# --------------------------------------------------------------------------- public names
+
+
+def test_public_names_stay_importable_from_discover():
+    # The split into dinocell.jump.* modules keeps dinocell.jump.discover's public names (other code imports them
+    # from there), and they are the very objects defined in the modules that now hold them.
+    from dinocell.jump import discover, load_data_files, reroot, summary
+
+    assert sorted(discover.__all__) == sorted(
+        [
+            "LOAD_DATA_NAMES",
+            "DiscoveryError",
+            "DiscoveryResult",
+            "Exclusion",
+            "csv_location",
+            "discover_fields",
+            "find_load_data_csvs",
+            "format_summary",
+            "reroot_path",
+            "write_discovery",
+        ]
+    )
+    for name in discover.__all__:
+        assert getattr(discover, name) is not None
+    assert discover.DiscoveryError is DiscoveryError and discover.Exclusion is exclusions.Exclusion
+    assert discover.reroot_path is reroot.reroot_path is reroot_path
+    assert discover.format_summary is summary.format_summary
+    assert discover.find_load_data_csvs is load_data_files.find_load_data_csvs
+    assert discover.csv_location is load_data_files.csv_location
+    assert discover.LOAD_DATA_NAMES is load_data_files.LOAD_DATA_NAMES
+
+
 # --------------------------------------------------------------------------- load_data: URL form, re-rooting
 
 
@@ -107,10 +141,10 @@ def test_reroot_path_rules():
     # Illum folders re-root too; a local mount path as well; a URL already under the prefix is kept.
     assert reroot_path("/home/u/bucket/images/B2/illum/P", new) == ("s3://new/src/images/B2/illum/P", "B2", None)
     assert reroot_path("s3://new/src/images/B3/images/Q", new) == ("s3://new/src/images/B3/images/Q", "B3", None)
-    assert reroot_path("s3://old/elsewhere/P/Images", new) == (None, None, dsc.CANNOT_REROOT)
-    assert reroot_path("s3://old/images/B1/images/../../../../etc", new) == (None, None, dsc.ESCAPES)
-    assert reroot_path("../../etc", new) == (None, None, dsc.ESCAPES)
-    assert reroot_path("s3://new/src/images/B1/../../secret", new) == (None, None, dsc.ESCAPES)
+    assert reroot_path("s3://old/elsewhere/P/Images", new) == (None, None, exclusions.CANNOT_REROOT)
+    assert reroot_path("s3://old/images/B1/images/../../../../etc", new) == (None, None, exclusions.ESCAPES)
+    assert reroot_path("../../etc", new) == (None, None, exclusions.ESCAPES)
+    assert reroot_path("s3://new/src/images/B1/../../secret", new) == (None, None, exclusions.ESCAPES)
     # Relative folders resolve under the prefix; re-rooting off keeps absolute URLs verbatim.
     assert reroot_path("B1/images/P", new) == ("s3://new/src/images/B1/images/P", "B1", None)
     assert reroot_path(old, new, reroot=False) == (old, "B1", None)
@@ -129,9 +163,9 @@ def test_unrerootable_and_traversal_rows_are_excluded_with_reasons(tmp_path):
     src = write_csv(ld_path(tmp_path, "B1", "P"), header, rows)
     res = discover_fields(cfg_for(tmp_path, channels=chans))
     assert len(res.manifest) == 1
-    assert res.summary["excluded_by_reason"] == {dsc.CANNOT_REROOT: 1, dsc.ESCAPES: 2}
+    assert res.summary["excluded_by_reason"] == {exclusions.CANNOT_REROOT: 1, exclusions.ESCAPES: 2}
     got = [(e["reason"], e["source"], e["row"]) for e in res.summary["excluded"]]
-    assert got == [(dsc.CANNOT_REROOT, src, 2), (dsc.ESCAPES, src, 3), (dsc.ESCAPES, src, 4)]
+    assert got == [(exclusions.CANNOT_REROOT, src, 2), (exclusions.ESCAPES, src, 3), (exclusions.ESCAPES, src, 4)]
     assert res.summary["excluded"][0]["detail"] == "s3://old/no-anchor/a.tiff"
     assert accounted(res)
 
@@ -183,10 +217,10 @@ def test_pathname_traversal_refused_and_reported(tmp_path):
     base = f"{tmp_path}/images/B1/images/P__t-Measurement1/Images"
     assert uris == [f"{base}/a.tiff", f"{base}/x.tiff"]
     assert [(e.reason, e.source, e.row, e.detail) for e in res.exclusions] == [
-        (dsc.ESCAPES, src, 2, "../../etc/passwd"),
+        (exclusions.ESCAPES, src, 2, "../../etc/passwd"),
         ("missing channel DNA", src, 4, None),
     ]
-    assert res.summary["excluded_by_reason"] == {dsc.ESCAPES: 1, "missing channel DNA": 1}
+    assert res.summary["excluded_by_reason"] == {exclusions.ESCAPES: 1, "missing channel DNA": 1}
 
 
 # --------------------------------------------------------------------------- strings stay strings
@@ -206,7 +240,7 @@ def test_metadata_stays_string_and_wells_normalise(tmp_path):
     res = discover_fields(cfg_for(tmp_path, load_data=[src], channels=["DNA"]))
     recs = list(res.manifest.records())
     assert [(r.plate, r.well, r.site, r.batch) for r in recs] == [("00123", "A01", 1, "B9"), ("1e5", "B02", 2, "B9")]
-    assert res.summary["excluded_by_reason"] == {dsc.BAD_WELL: 1, dsc.BAD_SITE: 1}
+    assert res.summary["excluded_by_reason"] == {exclusions.BAD_WELL: 1, exclusions.BAD_SITE: 1}
     # Strings survive the Parquet round trip too.
     out = str(tmp_path / "m.parquet")
     write_discovery(res, out)
@@ -220,7 +254,7 @@ def test_wells_from_row_and_col_columns(tmp_path):
     src = write_csv(ld_path(tmp_path, "B1", "P"), header, rows)
     res = discover_fields(cfg_for(tmp_path, channels=["DNA"]))
     assert res.manifest.column("well") == ["A01", "C12"]
-    assert [(e.reason, e.source, e.row, e.detail) for e in res.exclusions] == [(dsc.BAD_WELL, src, 3, "0,1")]
+    assert [(e.reason, e.source, e.row, e.detail) for e in res.exclusions] == [(exclusions.BAD_WELL, src, 3, "0,1")]
 
 
 def test_batch_from_url_when_nothing_else_names_it(tmp_path):
@@ -236,7 +270,7 @@ def test_batch_from_url_when_nothing_else_names_it(tmp_path):
     rows2 = [["relative/a.tiff", "P", "A01", "1"]]
     src2 = write_csv(tmp_path / "nobatch.csv", header, rows2)
     res2 = discover_fields(cfg_for(tmp_path, load_data=[src2], channels=["DNA"]))
-    assert len(res2.manifest) == 0 and res2.summary["excluded_by_reason"] == {dsc.NO_BATCH: 1}
+    assert len(res2.manifest) == 0 and res2.summary["excluded_by_reason"] == {exclusions.NO_BATCH: 1}
 
 
 # --------------------------------------------------------------------------- exclusions and accounting
@@ -255,10 +289,12 @@ def test_missing_channel_and_duplicates_counted_first_kept(tmp_path):
     res = discover_fields(cfg_for(tmp_path))
     assert res.manifest.column("field_id") == ["B1/P1/A01/1", "B1/P1/A01/2"]
     ex = [(e.reason, e.source, e.row) for e in res.exclusions]
-    assert sorted(ex) == sorted([("missing channel ER", b, 2), (dsc.DUPLICATE, a, 3), (dsc.DUPLICATE, b, 1)])
-    dup = next(e for e in res.exclusions if e.source == b and e.reason == dsc.DUPLICATE)
+    assert sorted(ex) == sorted(
+        [("missing channel ER", b, 2), (exclusions.DUPLICATE, a, 3), (exclusions.DUPLICATE, b, 1)]
+    )
+    dup = next(e for e in res.exclusions if e.source == b and e.reason == exclusions.DUPLICATE)
     assert dup.detail == f"B1/P1/A01/2 already from {a}:row 2"
-    assert res.summary["excluded_by_reason"] == {dsc.DUPLICATE: 2, "missing channel ER": 1}
+    assert res.summary["excluded_by_reason"] == {exclusions.DUPLICATE: 2, "missing channel ER": 1}
     assert res.summary["rows_read"] == 5 and accounted(res)
     text = res.format_summary()
     assert "duplicate" in text and "missing channel ER" in text and "P1" in text
@@ -432,16 +468,16 @@ def test_listing_mode_s3_pagination_grouping_and_exclusions(s3_bucket):
     assert rec.uris["DNA"] == small + "r01c01f01p01-ch5sk1fk1fl1.tiff"  # the first plate folder wins
     assert rec.uris["Mito"] == small + "r01c01f01p01-ch1sk1fk1fl1.tiff"
     assert res.summary["excluded_by_reason"] == {
-        dsc.DUPLICATE: 1,
+        exclusions.DUPLICATE: 1,
         "missing channel ER": 1,
-        dsc.STRAY_FILE: 2,
-        dsc.UNPARSABLE_NAME: 1,
-        dsc.UNPARSABLE_PLATE_DIR: 1,
+        exclusions.STRAY_FILE: 2,
+        exclusions.UNPARSABLE_NAME: 1,
+        exclusions.UNPARSABLE_PLATE_DIR: 1,
     }
     by_reason = {e.reason: e for e in res.exclusions}
-    assert by_reason[dsc.UNPARSABLE_NAME].source == unparsable[0]
+    assert by_reason[exclusions.UNPARSABLE_NAME].source == unparsable[0]
     assert by_reason["missing channel ER"].source == big + "r01c24f09"
-    assert by_reason[dsc.DUPLICATE].source == again
+    assert by_reason[exclusions.DUPLICATE].source == again
     assert res.summary["inputs"]["ignored_files"] == {"channel not requested": 24 * 9}
     # Split by plate: the two plates land in different splits with val_fraction 0.5.
     assert sorted(res.summary["plates_per_split"]["train"] + res.summary["plates_per_split"]["val"]) == ["BR1", "BR2"]
@@ -523,8 +559,8 @@ def test_synth_bucket_both_modes_agree_on_s3(s3_bucket):
     reasons = listed.summary["excluded_by_reason"]
     assert sum(v for k, v in reasons.items() if k.startswith("missing channel")) == len(broken)
     strays = [f.uri for f in report.faults_of("stray_file") if "/Images/" in f.uri]
-    assert reasons.get(dsc.STRAY_FILE, 0) == len(strays)
-    assert sorted(e.source for e in listed.exclusions if e.reason == dsc.STRAY_FILE) == sorted(strays)
+    assert reasons.get(exclusions.STRAY_FILE, 0) == len(strays)
+    assert sorted(e.source for e in listed.exclusions if e.reason == exclusions.STRAY_FILE) == sorted(strays)
     # Same fields, same URIs, same splits (both split by plate with the same seed).
     csv_rows = {r.field_id: r for r in by_csv.manifest.records()}
     for r in listed.manifest.records():

@@ -20,7 +20,8 @@ import torch
 from dinocell import storage
 from dinocell.config import config_from_dict
 from dinocell.eval.checkpoint_reader import load_backbone, load_init_backbone
-from dinocell.eval.evaluate import evaluate, select_fields
+from dinocell.eval.evaluate import run_evaluation as evaluate
+from dinocell.eval.evaluate import select_fields
 from dinocell.jump.manifest import FieldRecord, Manifest, make_field_id
 from dinocell.model.vit import build_vit, vit_tiny
 from dinocell.synth.bucket import encode_tiff
@@ -205,13 +206,14 @@ def _parse_printed_table(text: str) -> list[dict]:
     return rows
 
 
-def test_report_files_and_printed_table(fields, good_checkpoint, s3_bucket, capsys):
-    from dinocell.eval.run import evaluate_cli
+def test_report_files_and_printed_table(fields, good_checkpoint, s3_bucket, capsys, tmp_path_factory):
+    from dinocell.cli import main as cli_main
 
     out = f"s3://{s3_bucket}/eval/report"
-    args = SimpleNamespace(checkpoint=good_checkpoint.path, manifest=fields.broken, out=out, baseline="init",
-                           channels=["DNA", "RNA", "Mito", "Brightfield"], max_fields=None)
-    assert evaluate_cli(good_checkpoint.cfg, args) == 0
+    cfg_file = tmp_path_factory.mktemp("cfg") / "cfg.yaml"
+    cfg_file.write_text(good_checkpoint.cfg.to_yaml())
+    assert cli_main(["evaluate", "--config", str(cfg_file), "--checkpoint", good_checkpoint.path, "--manifest",
+                     fields.broken, "--out", out, "--baseline", "init", "--channels", "DNA,RNA,Mito,Brightfield"]) == 0
     printed = capsys.readouterr().out
 
     names = {o.uri[len(out) + 1:] for o in storage.list_objects(out + "/")}

@@ -4,6 +4,7 @@ as torchrun itself parses it, the kustomize manifests, and the launcher against 
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import shutil
 import subprocess
@@ -17,6 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_k8s import FakeKubernetes, Scenario
 
 from dinocell.launch import (
+    KUEUE_QUEUE_LABEL,
+    RESILIENT_MAX_RESTARTS,
+    RESILIENT_RUN_POLICY,
     JobFailed,
     JobSpec,
     JobSpecError,
@@ -34,7 +38,7 @@ from dinocell.launch import (
     unique_job_name,
     validate_object,
 )
-from dinocell.launch.launcher import parse_log_timestamp
+from dinocell.launch.logs import parse_log_timestamp
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "s3://CHANGE-ME-bucket/dinocell/configs/pretrain.yaml"
@@ -159,6 +163,51 @@ def test_build_job_dispatches_by_backend():
         build_job(spec_for("pytorchjob"), "mpijob")
 
 
+def test_pytorchjob_resilient_policy_queue_and_scheduler_render_and_validate():
+    command = pretrain_command(CONFIG, {}, 2, 8, "pytorchjob", max_restarts=MAX_RESTARTS)
+    spec = spec_for(
+        "pytorchjob",
+        nodes=2,
+        gpus=8,
+        labels=LABELS,
+        queue_name="gpu-queue",
+        scheduler_name="volcano",
+        command=command,
+        **RESILIENT,
+    )
+    job = build_pytorchjob(spec)
+    validate_object(job)
+    assert job["metadata"]["labels"] == {**LABELS, KUEUE_QUEUE_LABEL: "gpu-queue"}
+    assert job["spec"]["runPolicy"] == {"cleanPodPolicy": "Running", "backoffLimit": 3}
+    for rtype in ("Master", "Worker"):
+        replica = job["spec"]["pytorchReplicaSpecs"][rtype]
+        assert replica["restartPolicy"] == "OnFailure"
+        assert replica["template"]["metadata"]["labels"] == LABELS  # the queue label stays off the pods
+        assert replica["template"]["spec"]["schedulerName"] == "volcano"
+        assert "--max-restarts=3" in replica["template"]["spec"]["containers"][0]["command"]
+    # unset: no queue label, no schedulerName
+    plain = build_pytorchjob(spec_for("pytorchjob", labels=LABELS))
+    assert plain["metadata"]["labels"] == LABELS
+    assert "schedulerName" not in plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert RESILIENT_RUN_POLICY == RESILIENT and RESILIENT_MAX_RESTARTS == MAX_RESTARTS
+
+
+def test_trainjob_queue_label_on_the_job_only_and_max_restarts_in_the_command():
+    command = pretrain_command(CONFIG, {}, 2, 8, "trainjob", max_restarts=MAX_RESTARTS)
+    spec = spec_for("trainjob", nodes=2, gpus=8, labels=LABELS, queue_name="gpu-queue", command=command)
+    job = build_trainjob(spec)
+    validate_object(job)
+    assert job["metadata"]["labels"] == {**LABELS, KUEUE_QUEUE_LABEL: "gpu-queue"}
+    assert job["spec"]["labels"] == LABELS  # the JobSet's labels: Kueue would queue it a second time
+    assert job["spec"]["podTemplateOverrides"][0]["metadata"] == {"labels": LABELS}
+    assert job["spec"]["trainer"]["command"][:4] == ["torchrun", "--nnodes=2", "--nproc-per-node=8", "--max-restarts=3"]
+    # the runtime's JobSet owns restarts, cleanup and the scheduler: refused, not dropped
+    with pytest.raises(JobSpecError, match="scheduler_name"):
+        build_trainjob(spec_for("trainjob", scheduler_name="volcano"))
+    with pytest.raises(JobSpecError, match="restart_policy.*runtime 'torch-distributed'"):
+        build_trainjob(spec_for("trainjob", restart_policy="OnFailure"))
+
+
 def test_builders_refuse_commands_and_fields_of_the_other_backend():
     with pytest.raises(JobSpecError, match=r"\$\(RANK\).*backend='trainjob'"):
         build_trainjob(spec_for("pytorchjob"))  # v1 rendezvous vars would reach torchrun unexpanded
@@ -230,6 +279,16 @@ def _master(job):
         ),
         (lambda j: j["metadata"].__setitem__("name", "Dino_Pre"), "$.metadata.name", "RFC 1035"),
         (
+            lambda j: (
+                _master(j)["template"]
+                .setdefault("metadata", {})
+                .setdefault("labels", {})
+                .__setitem__(KUEUE_QUEUE_LABEL, "gpus")
+            ),
+            '$.spec.pytorchReplicaSpecs.Master.template.metadata.labels["kueue.x-k8s.io/queue-name"]',
+            "job's metadata only",
+        ),
+        (
             lambda j: _master(j)["template"]["spec"]["volumes"][0].pop("name"),
             "$.spec.pytorchReplicaSpecs.Master.template.spec.volumes[0]",
             "'name' is a required property",
@@ -267,6 +326,11 @@ def test_pytorchjob_validation_names_the_path(mutate, path, text):
         ),
         (lambda j: j["metadata"].__setitem__("name", "9lives"), "$.metadata.name", "RFC 1035"),
         (lambda j: j["spec"]["trainer"].__setitem__("envFrom", []), "$.spec.trainer.envFrom", "unknown field"),
+        (
+            lambda j: j["spec"].__setitem__("labels", {KUEUE_QUEUE_LABEL: "gpus"}),
+            '$.spec.labels["kueue.x-k8s.io/queue-name"]',
+            "job's metadata only",
+        ),
     ],
 )
 def test_trainjob_validation_names_the_path(mutate, path, text):
@@ -310,6 +374,10 @@ def test_non_strict_validation_allows_unknown_fields_like_a_pruning_api_server()
         ("clean_pod_policy", "Always", "JobSpec.clean_pod_policy"),
         ("optional_secret_keys", ("AWS_REGION",), "not in secret_keys"),
         ("command", [], "JobSpec.command"),
+        ("queue_name", "gpu queue", "JobSpec.queue_name['kueue.x-k8s.io/queue-name']: label value"),
+        ("labels", {KUEUE_QUEUE_LABEL: "gpus"}, "set JobSpec.queue_name instead"),
+        ("scheduler_name", "My_Scheduler", "JobSpec.scheduler_name: 'My_Scheduler' is not a scheduler name"),
+        ("restart_policy", "Sometimes", "JobSpec.restart_policy"),
     ],
 )
 def test_jobspec_rejects_bad_fields_by_name(field, value, text):
@@ -369,6 +437,28 @@ def test_torchrun_command_exact():
         pretrain_command("s3://b/c.yaml", ["lr"])
 
 
+def test_torchrun_max_restarts_flag():
+    assert torchrun_command(1, 1, "pytorchjob", module_args=["pretrain"], max_restarts=2) == [
+        "torchrun",
+        "--nnodes=1",
+        "--nproc-per-node=1",
+        "--max-restarts=2",
+        "--node-rank=$(RANK)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+        "-m",
+        "dinocell.cli",
+        "pretrain",
+    ]
+    assert "--max-restarts=0" not in torchrun_command(1, 1, "trainjob", max_restarts=0)
+    for bad in (-1, True, "3"):
+        with pytest.raises(JobSpecError, match="max_restarts must be an integer >= 0"):
+            torchrun_command(1, 1, "trainjob", max_restarts=bad)
+    run = pytest.importorskip("torch.distributed.run")
+    args = run.get_args_parser().parse_args(pretrain_command(CONFIG, {}, 2, 8, "trainjob", max_restarts=3)[1:])
+    assert args.max_restarts == 3 and args.training_script_args == ["pretrain", "--config", CONFIG]
+
+
 def _kubelet_expand(arg: str, env: dict) -> str:
     """$(VAR) -> value for defined VARs, $$ -> $ (the kubelet's expansion of container command/args)."""
     return re.sub(
@@ -409,6 +499,24 @@ def test_torchrun_reads_what_each_operator_injects(monkeypatch):
 
 # ---- manifests ----------------------------------------------------------------------------------------------------
 
+# What the overlays run: a failed job frees its GPUs (surviving replicas deleted), a lost process or node is retried.
+RESILIENT = {"restart_policy": "OnFailure", "backoff_limit": 3, "clean_pod_policy": "Running"}
+MAX_RESTARTS = 3
+TRAIN_IMAGE = "ghcr.io/CHANGE-ME/dinocell-train:0.1.0-cuda12.8"
+
+
+def _kustomize(path: Path) -> list[dict]:
+    out = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _dockerfile_tag(name: str) -> str:
+    """The image tag in the `docker build ... -t TAG` line of images/<name>."""
+    (tag,) = re.findall(r"docker build -f images/\S+ -t (\S+)", (REPO / "images" / name).read_text())
+    return tag
+
+
 OVERLAY_SPECS = {
     "single-gpu": {
         "name": "dinocell-pretrain-1gpu",
@@ -419,6 +527,7 @@ OVERLAY_SPECS = {
         "memory": "96Gi",
         "shm_size": "16Gi",
         "tolerations": [GPU_TOLERATION],
+        **RESILIENT,
     },
     "multi-node": {
         "name": "dinocell-pretrain-2x8",
@@ -430,6 +539,7 @@ OVERLAY_SPECS = {
         "shm_size": "64Gi",
         "node_selector": H100,
         "tolerations": [GPU_TOLERATION],
+        **RESILIENT,
     },
 }
 
@@ -452,9 +562,11 @@ def test_kustomize_overlay_renders_a_valid_job_equal_to_the_builder(overlay):
     o = OVERLAY_SPECS[overlay]
     expected = build_pytorchjob(
         JobSpec(
-            image="ghcr.io/CHANGE-ME/dinocell:0.1.0",
+            image=TRAIN_IMAGE,
             namespace="kubeflow",
-            command=pretrain_command(CONFIG, {}, o["nodes"], o["nproc_per_node"], "pytorchjob"),
+            command=pretrain_command(
+                CONFIG, {}, o["nodes"], o["nproc_per_node"], "pytorchjob", max_restarts=MAX_RESTARTS
+            ),
             env_from_secret="dinocell-storage",
             labels=LABELS,
             ttl_seconds_after_finished=604800,
@@ -471,6 +583,44 @@ def test_kustomize_overlay_renders_a_valid_job_equal_to_the_builder(overlay):
     binding = docs["RoleBinding"]
     assert binding["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed: cannot run `kubectl kustomize`")
+def test_kustomize_base_holds_rbac_only_and_starts_no_pod():
+    docs = _kustomize(REPO / "manifests" / "base")
+    assert sorted(d["kind"] for d in docs) == ["Role", "RoleBinding"]
+    assert all(d["metadata"]["namespace"] == "kubeflow" for d in docs)
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    rules = {tuple(r["apiGroups"]): r for r in role["rules"]}
+    assert rules[("kueue.x-k8s.io",)]["resources"] == ["workloads"]
+    assert set(rules[("kueue.x-k8s.io",)]["verbs"]) == {"get", "list"}
+
+
+def test_base_kustomization_lists_no_job():
+    base = REPO / "manifests" / "base"
+    assert yaml.safe_load((base / "kustomization.yaml").read_text())["resources"] == ["rbac.yaml"]
+    for path in base.glob("*.yaml"):
+        kinds = {d.get("kind") for d in yaml.safe_load_all(path.read_text()) if d}
+        assert not kinds & {"PyTorchJob", "TrainJob", "Job", "Pod"}, path
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed: cannot run `kubectl kustomize`")
+@pytest.mark.parametrize("overlay", sorted(OVERLAY_SPECS))
+def test_overlays_run_the_cuda_training_image_and_free_gpus_on_failure(overlay):
+    (job,) = [d for d in _kustomize(REPO / "manifests" / "overlays" / overlay) if d["kind"] == "PyTorchJob"]
+    # the image of images/train.Dockerfile (CUDA torch), never that of images/cpu.Dockerfile (the KFP steps)
+    train_tag, cpu_tag = _dockerfile_tag("train.Dockerfile"), _dockerfile_tag("cpu.Dockerfile")
+    assert train_tag.rsplit("/", 1)[1] == TRAIN_IMAGE.rsplit("/", 1)[1] == "dinocell-train:0.1.0-cuda12.8"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert set(replicas) == ({"Master", "Worker"} if OVERLAY_SPECS[overlay]["nodes"] > 1 else {"Master"})
+    for replica in replicas.values():
+        assert replica["restartPolicy"] == "OnFailure"
+        (container,) = replica["template"]["spec"]["containers"]
+        assert container["image"] == TRAIN_IMAGE
+        assert container["image"].rsplit("/", 1)[1] != cpu_tag.rsplit("/", 1)[1]
+        assert f"--max-restarts={MAX_RESTARTS}" in container["command"]
+    run_policy = job["spec"]["runPolicy"]
+    assert run_policy["cleanPodPolicy"] in ("All", "Running") and run_policy["backoffLimit"] >= 1
 
 
 def test_example_secret_and_configmap_hold_placeholders_and_stay_out_of_the_kustomization():
@@ -673,3 +823,167 @@ def test_log_timestamps_compare_numerically_despite_trimmed_fractions():
     assert b < a == c and a - b == 376_543_211
     assert parse_log_timestamp("2026-01-02T03:04:05Z") % 1_000_000_000 == 0
     assert parse_log_timestamp("step 3") is None
+
+
+# ---- queued / pending jobs ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def launch_log():
+    """Records of the dinocell.launch loggers (a handler of its own: the 'dinocell' logger may not propagate)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("dinocell.launch")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def _messages(records) -> list[str]:
+    return [r.getMessage() for r in records]
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+@pytest.mark.parametrize("kueue_api", [True, False])
+def test_job_waiting_in_a_kueue_queue_is_reported_queued_then_runs(backend, kueue_api, launch_log):
+    with FakeKubernetes(kueue=kueue_api) as fake:
+        fake.script("dino-pre", Scenario(queued_polls=5))
+        spec = spec_for(backend, gpus=8, queue_name="gpu-queue", namespace="ns1")
+        result = run_job(spec, backend, _client(fake), poll_s=POLL, start_timeout_s=30, log_sink=lambda line: None)
+    assert result.state == ("Succeeded" if backend == "pytorchjob" else "Complete") and result.deleted
+    assert result.start_wait_s >= 4 * POLL and result.start_wait_s < result.elapsed_s
+    assert fake.created[0]["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
+    messages = _messages(launch_log)
+    queued = [m for m in messages if m.startswith(f"{build_job(spec, backend)['kind']} ns1/dino-pre queued after")]
+    assert len(queued) == 1, messages  # one line per change, not one per poll
+    assert "waiting for admission to Kueue queue 'gpu-queue'" in queued[0]
+    assert "(waiting up to 30 s for it to start)" in queued[0]
+    if kueue_api:  # the Workload says why
+        assert "QuotaReserved=False (Pending: couldn't assign flavors" in queued[0]
+        uid = fake.created[0]["metadata"]["uid"]
+        workload_calls = [
+            q for m, p, q in fake.requests if p == "/apis/kueue.x-k8s.io/v1beta1/namespaces/ns1/workloads"
+        ]
+        assert workload_calls and all(q["labelSelector"] == f"kueue.x-k8s.io/job-uid={uid}" for q in workload_calls)
+    else:  # no Kueue API: the Suspended condition says it
+        assert "Suspended" in queued[0] and "is suspended" in queued[0]
+    assert not any("failed" in m for m in messages)
+    assert messages.index(queued[0]) < next(i for i, m in enumerate(messages) if "started after" in m)
+
+
+def test_job_queued_past_the_start_timeout_times_out_as_queued_and_is_deleted(fake, launch_log):
+    fake.script("dino-pre", Scenario(queued_polls=10_000))
+    spec = spec_for("pytorchjob", gpus=8, queue_name="gpu-queue", namespace="ns1")
+    with pytest.raises(JobTimeout) as info:
+        run_job(spec, "pytorchjob", _client(fake), poll_s=POLL, start_timeout_s=0.3, log_sink=lambda line: None)
+    err = info.value
+    assert (err.reason, err.state) == ("StartTimeout", "queued")
+    text = str(err)
+    assert (
+        "ns1/dino-pre did not start within 0.3 s, still queued: waiting for admission to Kueue queue 'gpu-queue'"
+        in text
+    )
+    assert "insufficient unused quota for nvidia.com/gpu in flavor h100, 8 more needed" in text
+    assert "last condition: Suspended=True reason=PyTorchJobSuspended" in text
+    # never started: deleted even under cleanup='on_success', so it cannot start later, unwatched
+    assert err.deleted and ("pytorchjobs", "ns1", "dino-pre") not in fake.jobs
+    assert any("queued after" in m for m in _messages(launch_log))
+
+
+def test_unschedulable_job_is_queued_not_failed_and_cleanup_never_keeps_it(fake, launch_log):
+    fake.script("dino-pre", Scenario(outcome="never_start"))
+    with pytest.raises(JobTimeout) as info:
+        run_job(
+            spec_for("trainjob", gpus=8, namespace="ns1"),
+            "trainjob",
+            _client(fake),
+            poll_s=POLL,
+            start_timeout_s=0.3,
+            cleanup="never",
+            log_sink=lambda line: None,
+        )
+    err = info.value
+    assert (err.reason, err.state, err.deleted) == ("StartTimeout", "queued", False)
+    assert ("trainjobs", "ns1", "dino-pre") in fake.jobs
+    (line,) = [m for m in _messages(launch_log) if "queued after" in m]
+    assert "master pod dino-pre-node-0-0-" in line and "unscheduled (Unschedulable: 0/4 nodes are available" in line
+    assert err.message.startswith("master pod dino-pre-node-0-0-")
+    assert not any(r.levelno >= logging.WARNING for r in launch_log)
+    assert not any("workloads" in p for m, p, q in fake.requests)  # no queue label: Kueue is not asked
+
+
+def test_no_start_timeout_waits_as_long_as_the_job_is_queued(fake, launch_log):
+    fake.script("dino-pre", Scenario(queued_polls=8))
+    result = run_job(
+        spec_for("pytorchjob", queue_name="gpu-queue", namespace="ns1"),
+        "pytorchjob",
+        _client(fake),
+        poll_s=POLL,
+        start_timeout_s=None,
+        timeout_s=30,
+        log_sink=lambda line: None,
+    )
+    assert result.state == "Succeeded" and result.start_wait_s >= 7 * POLL
+    assert any("queued after" in m and "(no start timeout)" in m for m in _messages(launch_log))
+    with pytest.raises(ValueError, match="start_timeout_s"):
+        run_job(spec_for("pytorchjob", namespace="ns1"), start_timeout_s=0, api_client=object())
+
+
+def test_waiting_state_tells_queued_from_pending():
+    from kubernetes.client import (
+        V1ContainerState,
+        V1ContainerStateWaiting,
+        V1ContainerStatus,
+        V1ObjectMeta,
+        V1Pod,
+        V1PodCondition,
+        V1PodStatus,
+    )
+
+    from dinocell.launch.backends import get_backend
+    from dinocell.launch.status import waiting_state
+
+    bk, job = get_backend("pytorchjob"), {"metadata": {"name": "j"}, "spec": {}}
+
+    def pod(**status):
+        return V1Pod(metadata=V1ObjectMeta(name="j-master-0"), status=V1PodStatus(phase="Pending", **status))
+
+    pulling = pod(
+        conditions=[V1PodCondition(type="PodScheduled", status="True")],
+        container_statuses=[
+            V1ContainerStatus(
+                name="pytorch",
+                image="x",
+                image_id="",
+                ready=False,
+                restart_count=0,
+                state=V1ContainerState(
+                    waiting=V1ContainerStateWaiting(reason="ImagePullBackOff", message="no such tag")
+                ),
+            )
+        ],
+    )
+    assert waiting_state(bk, job, pulling) == (
+        "pending",
+        "master pod j-master-0: container pytorch waiting (ImagePullBackOff: no such tag)",
+    )
+    gated = pod(conditions=[V1PodCondition(type="PodScheduled", status="False", reason="SchedulingGated", message="")])
+    assert waiting_state(bk, job, gated)[0] == "queued"
+    assert waiting_state(bk, job, None) == ("pending", "no master pod created yet")
+    suspended = {"metadata": {"name": "j"}, "spec": {"runPolicy": {"suspend": True}}}
+    assert waiting_state(bk, suspended, None) == ("queued", "waiting for the job to be resumed (it is suspended)")
+
+
+def test_launcher_module_still_offers_its_old_names():
+    from dinocell.launch import launcher, logs
+
+    assert launcher.parse_log_timestamp is logs.parse_log_timestamp
+    assert launcher.get_backend("trainjob").kind == "TrainJob" and launcher.run_job is run_job
+    assert launcher.JobTimeout is JobTimeout and issubclass(launcher.JobTimeout, launcher.JobFailed)
+    assert set(launcher.CLEANUP_POLICIES) == {"always", "on_success", "never"}

@@ -42,7 +42,7 @@ from dinocell.config import DataConfig, PreprocessConfig, ShardConfig, load_conf
 from dinocell.loss import sinkhorn_knopp
 from dinocell.monitor.consistency import MEAN_VIEW, embed_views, summary
 from dinocell.train.ssl_model import LOSS_KEYS, SSLMetaArch
-from dinocell.train.trainer import pretrain
+from dinocell.train.step import pretrain
 
 ITERS = 600  # the tiny config's full schedule (15 epochs of 40 iterations)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -19,7 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pipeline as pl  # noqa: E402  (the repo-root pipeline.py)
 from components import IMAGE, TRAIN_IMAGE  # noqa: E402
-from dinocell import steps, storage  # noqa: E402
+from dinocell import storage  # noqa: E402
+from dinocell.config import step_args  # noqa: E402
+from dinocell.data.step import shard as shard_step  # noqa: E402
+from dinocell.eval.step import inline_images  # noqa: E402
+from dinocell.jump.step import discover as discover_step  # noqa: E402
+from dinocell.launch.step import DEFAULT_SECRET  # noqa: E402
+from dinocell.launch.step import train as train_step  # noqa: E402
+from dinocell.pipeline import submit as pipeline_submit  # noqa: E402
+from dinocell.pipeline.layout import RunLayout  # noqa: E402
+from dinocell.pipeline.outcome import collect_outcome  # noqa: E402
+from dinocell.pipeline.pointers import read_pointer, write_pointer  # noqa: E402
 
 COMPONENTS = ("discover", "shard", "train", "evaluate", "publish")
 EXPECTED_PARAMETERS = {
@@ -52,7 +63,7 @@ def test_compiled_pipeline_structure(tmp_path):
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {k: v["parameterType"] for k, v in params.items()} == EXPECTED_PARAMETERS
     assert params["backend"]["defaultValue"] == "pytorchjob"
-    assert params["secret_name"]["defaultValue"] == steps.DEFAULT_SECRET
+    assert params["secret_name"]["defaultValue"] == DEFAULT_SECRET
     assert params["train_image"]["defaultValue"] == TRAIN_IMAGE
 
     # Flat DAG: five tasks, each data dependency an artifact edge.
@@ -89,7 +100,7 @@ def test_compiled_pipeline_structure(tmp_path):
         c = ex["container"]
         assert c["image"] == IMAGE, name
         text = " ".join(c["command"])
-        assert "pip install" not in text and "from dinocell import steps" in text, name
+        assert "pip install" not in text and re.search(r"from dinocell\.\w+ import step\b", text), name
         assert "resources" not in c, name  # no GPU on any step pod by default (the training pods get them)
 
     # Storage credentials from the secret named by the parameter, on every step; the endpoint key optional.
@@ -146,21 +157,21 @@ def test_compile_cli_options_and_no_secret(tmp_path):
 
 def test_submit_arguments_are_typed_by_the_declared_parameters(tmp_path):
     path, _, _ = _compile(tmp_path)
-    params = pl.pipeline_parameters(path)
-    args = pl.parse_arguments(
+    params = pipeline_submit.pipeline_parameters(path)
+    args = pipeline_submit.parse_arguments(
         ["model_version=1.0", "nodes=2", "s3_anonymous=true", "train_timeout_hours=1.5",
          'overrides=["train.max_iters=100"]', 'node_selector={"pool": "h100"}', "output_root=s3://b/x=y"], params)
     assert args == {"model_version": "1.0", "nodes": 2, "s3_anonymous": True, "train_timeout_hours": 1.5,
                     "overrides": ["train.max_iters=100"], "node_selector": {"pool": "h100"},
                     "output_root": "s3://b/x=y"}
     with pytest.raises(ValueError, match="not a pipeline parameter.*backend"):
-        pl.parse_arguments(["bakend=local"], params)
+        pipeline_submit.parse_arguments(["bakend=local"], params)
     with pytest.raises(ValueError, match="nodes='two'.*NUMBER_INTEGER"):
-        pl.parse_arguments(["nodes=two"], params)
+        pipeline_submit.parse_arguments(["nodes=two"], params)
     with pytest.raises(ValueError, match="expected a JSON list"):
-        pl.parse_arguments(['tolerations={"key": "a"}'], params)
+        pipeline_submit.parse_arguments(['tolerations={"key": "a"}'], params)
     with pytest.raises(ValueError, match="key=value"):
-        pl.parse_arguments(["backend"], params)
+        pipeline_submit.parse_arguments(["backend"], params)
 
 
 # ---- the step helpers -------------------------------------------------------------------------------------------
@@ -178,55 +189,55 @@ def test_submit_arguments_are_typed_by_the_declared_parameters(tmp_path):
     ("train.max_iters=4\ndata.images_prefix=s3://b/p/\n", ["train.max_iters=4", "data.images_prefix=s3://b/p/"]),
 ])
 def test_parse_overrides_forms(value, expected):
-    assert steps.parse_overrides(value) == expected
+    assert step_args.parse_overrides(value) == expected
 
 
 def test_parse_overrides_round_trips_through_the_config_and_names_bad_items():
     from dinocell.config import load_config
 
-    items = steps.parse_overrides({"train": {"max_iters": 4, "run_name": "yes"}, "data": {"batches": ["a", "1.0"]},
+    items = step_args.parse_overrides({"train": {"max_iters": 4, "run_name": "yes"}, "data": {"batches": ["a", "1.0"]},
                                    "optim.lr": 0.002})
     cfg = load_config(None, items)
     assert (cfg.train.max_iters, cfg.train.run_name, cfg.data.batches, cfg.optim.lr) == (4, "yes", ["a", "1.0"], 0.002)
-    with pytest.raises(steps.StepError, match=r"overrides\[1\].*'oops'"):
-        steps.parse_overrides(["a=1", "oops"])
-    with pytest.raises(steps.StepError, match="expected a list, a mapping or a string"):
-        steps.parse_overrides(3)
+    with pytest.raises(step_args.StepError, match=r"overrides\[1\].*'oops'"):
+        step_args.parse_overrides(["a=1", "oops"])
+    with pytest.raises(step_args.StepError, match="expected a list, a mapping or a string"):
+        step_args.parse_overrides(3)
 
 
 def test_parse_json_arg():
-    assert steps.parse_json_arg('{"a": "b"}', dict, "node_selector") == {"a": "b"}
-    assert steps.parse_json_arg("", dict, "node_selector") == {}
-    assert steps.parse_json_arg({"key": "k", "operator": "Exists"}, list, "tolerations") == [
+    assert step_args.parse_json_arg('{"a": "b"}', dict, "node_selector") == {"a": "b"}
+    assert step_args.parse_json_arg("", dict, "node_selector") == {}
+    assert step_args.parse_json_arg({"key": "k", "operator": "Exists"}, list, "tolerations") == [
         {"key": "k", "operator": "Exists"}]
-    with pytest.raises(steps.StepError, match="node_selector: expected a mapping"):
-        steps.parse_json_arg("[1, 2]", dict, "node_selector")
+    with pytest.raises(step_args.StepError, match="node_selector: expected a mapping"):
+        step_args.parse_json_arg("[1, 2]", dict, "node_selector")
 
 
 def test_run_layout_and_run_id():
-    lay = steps.RunLayout.for_run("s3://b/runs", "", "1234-abcd")
+    lay = RunLayout.for_run("s3://b/runs", "", "1234-abcd")
     assert lay.root == "s3://b/runs/1234-abcd"
     assert (lay.manifest, lay.shards, lay.eval) == (
         "s3://b/runs/1234-abcd/manifest.parquet", "s3://b/runs/1234-abcd/shards", "s3://b/runs/1234-abcd/eval")
     assert lay.checkpoints == "s3://b/runs/1234-abcd/train/checkpoints"
     assert lay.models == "s3://b/runs/models" and lay.model_version("") == "1234-abcd"
-    assert steps.RunLayout.for_run("s3://b/runs", "mine", "1234", "s3://m").root == "s3://b/runs/mine"
-    with pytest.raises(steps.StepError, match="placeholder"):
-        steps.RunLayout.for_run("s3://b", "", "{{$.pipeline_job_uuid}}")
-    with pytest.raises(steps.StepError, match="without '/'"):
-        steps.RunLayout("s3://b", "a/b")
+    assert RunLayout.for_run("s3://b/runs", "mine", "1234", "s3://m").root == "s3://b/runs/mine"
+    with pytest.raises(step_args.StepError, match="placeholder"):
+        RunLayout.for_run("s3://b", "", "{{$.pipeline_job_uuid}}")
+    with pytest.raises(step_args.StepError, match="without '/'"):
+        RunLayout("s3://b", "a/b")
 
 
 def test_pointer_round_trip_and_errors(tmp_path):
-    meta = steps.write_pointer(tmp_path / "a" / "ptr", "s3://b/m.parquet", n_fields=3)
+    meta = write_pointer(tmp_path / "a" / "ptr", "s3://b/m.parquet", n_fields=3)
     assert meta == {"uri": "s3://b/m.parquet", "n_fields": 3}
-    assert steps.read_pointer({}, tmp_path / "a" / "ptr") == "s3://b/m.parquet"  # from the file
-    assert steps.read_pointer({"uri": "s3://x"}, None) == "s3://x"  # from the metadata
+    assert read_pointer({}, tmp_path / "a" / "ptr") == "s3://b/m.parquet"  # from the file
+    assert read_pointer({"uri": "s3://x"}, None) == "s3://x"  # from the metadata
     (tmp_path / "junk").write_text('{"format": "other"}')
-    with pytest.raises(steps.StepError, match="manifest: .*holds no 'uri'"):
-        steps.read_pointer({}, tmp_path / "junk", "manifest")
-    with pytest.raises(steps.StepError, match="checkpoint: no 'uri'"):
-        steps.read_pointer(None, tmp_path / "absent", "checkpoint")
+    with pytest.raises(step_args.StepError, match="manifest: .*holds no 'uri'"):
+        read_pointer({}, tmp_path / "junk", "manifest")
+    with pytest.raises(step_args.StepError, match="checkpoint: no 'uri'"):
+        read_pointer(None, tmp_path / "absent", "checkpoint")
 
 
 def test_inline_images_embeds_relative_images_exactly_and_reports_missing(tmp_path):
@@ -235,12 +246,12 @@ def test_inline_images_embeds_relative_images_exactly_and_reports_missing(tmp_pa
     (tmp_path / "figures" / "a.png").write_bytes(png)
     html = ('<img src="figures/a.png"><img src=\'missing.png\'>'
             '<img src="https://example.org/x.png"><a href="figures/a.png">link</a>')
-    out, missing = steps.inline_images(html, str(tmp_path))
+    out, missing = inline_images(html, str(tmp_path))
     b64 = base64.b64encode(png).decode()
     assert out == (f'<img src="data:image/png;base64,{b64}"><img src=\'missing.png\'>'
                    '<img src="https://example.org/x.png"><a href="figures/a.png">link</a>')
     assert len(missing) == 1 and missing[0].startswith("missing.png")
-    out2, missing2 = steps.inline_images('<img src="../../etc/passwd.png">', str(tmp_path))
+    out2, missing2 = inline_images('<img src="../../etc/passwd.png">', str(tmp_path))
     assert out2 == '<img src="../../etc/passwd.png">' and "escapes" in missing2[0]
 
 
@@ -264,7 +275,7 @@ def test_train_step_launches_a_job_with_the_gpus_placement_and_secret(tmp_path, 
     tol = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     with FakeKubernetes() as fake:
         fake.default_scenario = Scenario(start_after=1, run_polls=1, log_lines=["iteration 10 loss 1.0"])
-        result = steps.train_step(
+        result = train_step(
             "tiny", ["train.max_iters=10"], output_dir=str(out), shards_index_uri="s3://b/shards/index.json",
             manifest_uri="s3://b/manifest.parquet", backend=backend, nodes=2, gpus_per_node=4,
             image="registry.example/dinocell-train:1", node_selector='{"pool": "h100"}', tolerations=tol,
@@ -283,19 +294,27 @@ def test_train_step_launches_a_job_with_the_gpus_placement_and_secret(tmp_path, 
     assert '"nvidia.com/gpu": 4' in text and '"pool": "h100"' in text and '"my-s3"' in text
     assert json.dumps(tol[0]) in text
     assert "--nnodes=2" in text and "--nproc-per-node=4" in text
+    # Preemption and node loss: torchrun restarts the workers, which resume from `latest`.
+    assert "--max-restarts=3" in text
+    assert '"name": "DINOCELL_REQUIRED_GPUS", "value": "4"' in text  # the trainer refuses CPU in these pods
+    if backend == "pytorchjob":
+        replicas = created["spec"]["pytorchReplicaSpecs"]
+        assert {r["restartPolicy"] for r in replicas.values()} == {"OnFailure"}
+        assert created["spec"]["runPolicy"]["backoffLimit"] == 3
+        assert created["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
 
 
 def test_train_step_rejects_bad_backend_settings(tmp_path):
-    with pytest.raises(steps.StepError, match="backend 'slurm'"):
-        steps.train_step("tiny", output_dir=str(tmp_path), backend="slurm")
-    with pytest.raises(steps.StepError, match="nodes=2 needs pytorchjob"):
-        steps.train_step("tiny", output_dir=str(tmp_path), backend="local", nodes=2)
-    with pytest.raises(steps.StepError, match="needs the training image"):
-        steps.train_step("tiny", output_dir=str(tmp_path), shards_index_uri="s3://b/i.json", backend="pytorchjob")
+    with pytest.raises(step_args.StepError, match="backend 'slurm'"):
+        train_step("tiny", output_dir=str(tmp_path), backend="slurm")
+    with pytest.raises(step_args.StepError, match="nodes=2 needs pytorchjob"):
+        train_step("tiny", output_dir=str(tmp_path), backend="local", nodes=2)
+    with pytest.raises(step_args.StepError, match="needs the training image"):
+        train_step("tiny", output_dir=str(tmp_path), shards_index_uri="s3://b/i.json", backend="pytorchjob")
     from dinocell.config import ConfigError
 
     with pytest.raises(ConfigError, match="loader.shards is empty"):  # checked before anything is launched
-        steps.train_step("tiny", output_dir=str(tmp_path), backend="pytorchjob", image="x")
+        train_step("tiny", output_dir=str(tmp_path), backend="pytorchjob", image="x")
 
 
 @pytest.mark.slow
@@ -306,10 +325,10 @@ def test_train_step_local_backend_with_two_processes_runs_torchrun(tmp_path):
 
     source = tmp_path / "src" / "cpg0000-jump-pilot" / "source_4"
     synth_bucket(str(source), batches=1, plates_per_batch=2, wells_per_plate=2, sites_per_well=2, size=128, seed=3)
-    lay = steps.RunLayout(str(tmp_path / "out"), "r1")
-    d = steps.discover_step("tiny", manifest_uri=lay.manifest, images_prefix=str(source / "images") + "/")
-    s = steps.shard_step("tiny", manifest_uri=d.manifest_uri, shards_prefix=lay.shards)
-    t = steps.train_step("tiny", ["train.max_iters=2", "loader.batch_size=2"], output_dir=lay.train_output_dir,
+    lay = RunLayout(str(tmp_path / "out"), "r1")
+    d = discover_step("tiny", manifest_uri=lay.manifest, images_prefix=str(source / "images") + "/")
+    s = shard_step("tiny", manifest_uri=d.manifest_uri, shards_prefix=lay.shards)
+    t = train_step("tiny", ["train.max_iters=2", "loader.batch_size=2"], output_dir=lay.train_output_dir,
                          config_uri=lay.train_config, shards_index_uri=s.index_uri, manifest_uri=d.manifest_uri,
                          backend="local", nproc_per_node=2)
     assert (t.world_size, t.config_uri) == (2, lay.train_config)
@@ -361,7 +380,7 @@ def test_local_pipeline_run_end_to_end(tmp_path, s3_server, monkeypatch, capsys)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)  # restored after the test
     old = storage._config
     try:
-        steps.configure_storage(s3_server.endpoint_url)
+        step_args.configure_storage(s3_server.endpoint_url)
         src_bucket, out_bucket = f"src-{tmp_path.name}".lower()[:60], f"out-{tmp_path.name}".lower()[:60]
         create_bucket(s3_server.endpoint_url, src_bucket, public_read=True)
         create_bucket(s3_server.endpoint_url, out_bucket)
@@ -376,7 +395,7 @@ def test_local_pipeline_run_end_to_end(tmp_path, s3_server, monkeypatch, capsys)
             "--set", "train.ckpt_every=0", "--run-name", "e2e", "--model-name", "tiny-cell", "--model-version", "0.0.1",
         ]) == 0
         printed = capsys.readouterr().out
-        outcome = steps.collect_outcome(steps.RunLayout(f"s3://{out_bucket}/runs", "e2e"), "tiny-cell", "0.0.1")
+        outcome = collect_outcome(RunLayout(f"s3://{out_bucket}/runs", "e2e"), "tiny-cell", "0.0.1")
         assert f"HTML report:     {(tmp_path / 'work' / 'eval' / 'report.html').resolve()}" in printed
         assert outcome.summary_md.strip() in printed  # the evaluation table is printed
 
@@ -393,12 +412,12 @@ def test_local_pipeline_run_end_to_end(tmp_path, s3_server, monkeypatch, capsys)
         runs = list((tmp_path / "work" / "kfp").glob("dinocell-pretrain-*"))
         assert len(runs) == 1
         run = runs[0]
-        lay = steps.RunLayout(f"s3://{out_bucket}/runs", "e2e")
+        lay = RunLayout(f"s3://{out_bucket}/runs", "e2e")
         pointers = {"discover/manifest": lay.manifest, "shard/shards": lay.shards + "/index.json",
                     "publish/model": outcome.model_uri}
         for rel, uri in pointers.items():
-            assert steps.read_pointer({}, run / rel) == uri, rel
-        ckpt_uri = steps.read_pointer({}, run / "train" / "checkpoint")
+            assert read_pointer({}, run / rel) == uri, rel
+        ckpt_uri = read_pointer({}, run / "train" / "checkpoint")
         assert ckpt_uri.startswith(lay.checkpoints + "/ckpt-") and storage.exists(ckpt_uri)
         ev = json.loads((run / "evaluate" / "executor_output.json").read_text())
         metrics_meta = ev["artifacts"]["metrics"]["artifacts"][0]["metadata"]
@@ -412,8 +431,8 @@ def test_local_pipeline_run_end_to_end(tmp_path, s3_server, monkeypatch, capsys)
 
 @pytest.mark.slow
 def test_demo_steps_mode_runs_the_same_steps_without_kfp(tmp_path, monkeypatch, capsys):
-    """`python -m dinocell.demo --steps`: own S3 server, synthetic bucket, the five steps in-process."""
-    from dinocell import demo
+    """`python pipeline.py demo --steps`: own S3 server, synthetic bucket, the five steps in-process."""
+    from dinocell.pipeline import demo
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # demo.main overrides it; restored afterwards
     old = storage._config

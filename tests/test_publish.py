@@ -12,12 +12,14 @@ import torch
 
 import dinocell
 from dinocell import storage
+from dinocell.cli import main as cli_main
 from dinocell.config import config_from_dict
 from dinocell.eval.checkpoint_reader import load_backbone
 from dinocell.model.pretrained import load_dinov3_checkpoint
 from dinocell.model.published import PublishedModelError, load_pretrained
 from dinocell.model.vit import build_vit, vit_small, vit_tiny
-from dinocell.publish.publish import PublishError, publish, publish_cli
+from dinocell.publish.publish import PublishError
+from dinocell.publish.publish import publish_checkpoint as publish
 
 torch.set_num_threads(1)
 
@@ -196,9 +198,11 @@ def test_official_plain_checkpoint_and_metrics_and_cli(tmp_path, capsys):
                "data": {"n_fields": 100, "split": "val", "n_plates": 3, "channels": ["DNA"], "size": 224}}
     metrics_bytes = json.dumps(metrics).encode()
     (tmp_path / "metrics.json").write_bytes(metrics_bytes)
-    args = SimpleNamespace(checkpoint=str(tmp_path / "dinov3.pth"), dest=str(tmp_path / "models"), name="plain",
-                           version="v1", metrics=str(tmp_path / "metrics.json"))
-    assert publish_cli(_cfg(), args) == 0
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(_cfg().to_yaml())
+    assert cli_main(["publish", "--config", str(cfg_file), "--checkpoint", str(tmp_path / "dinov3.pth"),
+                     "--dest", str(tmp_path / "models"), "--name", "plain", "--version", "v1",
+                     "--metrics", str(tmp_path / "metrics.json")]) == 0
     assert "published plain v1" in capsys.readouterr().out
     version = tmp_path / "models" / "plain" / "v1"
     assert (version / "metrics.json").read_bytes() == metrics_bytes

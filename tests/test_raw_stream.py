@@ -6,6 +6,7 @@ import collections
 import io
 import itertools
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -43,18 +44,18 @@ def raw_image(field_idx: int, ch_idx: int, size: int = 64) -> np.ndarray:
     return (base + 5000 * ch_idx).astype(np.uint16)
 
 
-def make_records(root: str, n: int, channels, size: int = 64, split: str = "train", plate: str = "P1", start: int = 0):
+def make_records(
+    buckets, root: str, n: int, channels, size: int = 64, split: str = "train", plate: str = "P1", start: int = 0
+):
     """Write n fields (one TIFF per channel) under root and return their FieldRecords."""
     records = []
     for i in range(start, start + n):
-        uris = {}
-        for j, ch in enumerate(channels):
-            uri = storage.join(root, f"{plate}/f{i:03d}_{ch}.tiff")
-            storage.write_bytes(uri, tiff_bytes(raw_image(i, j, size)))
-            uris[ch] = uri
-        records.append(
-            FieldRecord(make_field_id("B1", plate, f"A{i:02d}", 1), "B1", plate, f"A{i:02d}", 1, split, uris)
-        )
+        images = {
+            ch: (storage.join(root, f"{plate}/f{i:03d}_{ch}.tiff"), tiff_bytes(raw_image(i, j, size)))
+            for j, ch in enumerate(channels)
+        }
+        records.append(buckets.field("B1", plate, f"A{i:02d}", 1, images, split=split))
+        assert records[-1].field_id == make_field_id("B1", plate, f"A{i:02d}", 1)
     return records
 
 
@@ -125,10 +126,10 @@ def test_lru_hit_rate_under_iid_uniform_sampling_is_cache_over_dataset():
 # --------------------------------------------------------------------------- FieldLoader
 
 
-def test_field_loader_order_parallel_fetch_and_cache(s3_bucket, monkeypatch):
+def test_field_loader_order_parallel_fetch_and_cache(s3_bucket, monkeypatch, buckets):
     root = f"s3://{s3_bucket}/images"
     channels = ["DNA", "ER", "Mito"]
-    recs = make_records(root, 3, channels)
+    recs = make_records(buckets, root, 3, channels)
     # Parallel fetch: the three channel reads of one field must be in flight together to pass this barrier.
     barrier = threading.Barrier(3, timeout=10)
     real_read = storage.read_bytes
@@ -168,9 +169,9 @@ def test_field_loader_order_parallel_fetch_and_cache(s3_bucket, monkeypatch):
     assert other.counters["objects_fetched"] == 1
 
 
-def test_field_loader_reports_missing_corrupt_and_mismatched(s3_bucket):
+def test_field_loader_reports_missing_corrupt_and_mismatched(s3_bucket, buckets):
     root = f"s3://{s3_bucket}/images"
-    recs = make_records(root, 4, ["DNA", "ER"])
+    recs = make_records(buckets, root, 4, ["DNA", "ER"])
     storage.delete(recs[1].uris["ER"])  # missing object
     storage.write_bytes(recs[2].uris["DNA"], b"II*\x00garbage that is not a tiff")  # corrupt TIFF
     storage.write_bytes(recs[3].uris["ER"], tiff_bytes(raw_image(3, 1, size=32)))  # 32x32 beside a 64x64 DNA
@@ -205,9 +206,9 @@ def test_field_loader_reports_missing_corrupt_and_mismatched(s3_bucket):
         loader.load(bare)
 
 
-def test_field_loader_illum_correction_cached_per_plate(tmp_path):
+def test_field_loader_illum_correction_cached_per_plate(tmp_path, buckets):
     root = str(tmp_path)
-    recs = make_records(root, 2, ["DNA", "ER"])
+    recs = make_records(buckets, root, 2, ["DNA", "ER"])
     illum = {
         "DNA": np.linspace(0.5, 2.0, 64 * 64, dtype=np.float32).reshape(64, 64),
         "ER": np.full((64, 64), 0.25, np.float32),
@@ -235,8 +236,8 @@ def test_field_loader_illum_correction_cached_per_plate(tmp_path):
         FieldLoader(cfg, ["DNA", "ER"]).load(recs[1])
 
 
-def test_collate_fields_batches_and_refuses_mixed(tmp_path):
-    recs = make_records(str(tmp_path), 3, ["DNA", "ER"], size=32)
+def test_collate_fields_batches_and_refuses_mixed(tmp_path, buckets):
+    recs = make_records(buckets, str(tmp_path), 3, ["DNA", "ER"], size=32)
     loader = FieldLoader(SMALL, ["DNA", "ER"])
     fields, _ = loader.load_many(recs)
     batch = collate_fields([field_to_sample(f) for f in fields[:2]] + [fields[2]])
@@ -271,11 +272,11 @@ def _loader_kwargs(num_workers: int) -> dict:
     }
 
 
-def test_raw_stream_covers_each_train_field_once_per_epoch_across_ranks_and_workers(s3_bucket):
+def test_raw_stream_covers_each_train_field_once_per_epoch_across_ranks_and_workers(s3_bucket, buckets):
     root = f"s3://{s3_bucket}/images"
     channels = ["DNA", "Mito"]
-    train = make_records(root, 14, channels, size=32)
-    val = make_records(root, 3, channels, size=32, split="val", plate="P2")
+    train = make_records(buckets, root, 14, channels, size=32)
+    val = make_records(buckets, root, 3, channels, size=32, split="val", plate="P2")
     storage.delete(train[4].uris["Mito"])
     storage.write_bytes(train[9].uris["DNA"], b"not a tiff")
     bad = {train[4].field_id, train[9].field_id}
@@ -318,10 +319,10 @@ def test_raw_stream_covers_each_train_field_once_per_epoch_across_ranks_and_work
         del dl
 
 
-def test_raw_stream_hit_rate_matches_lru_permutation_law(tmp_path):
+def test_raw_stream_hit_rate_matches_lru_permutation_law(tmp_path, buckets):
     torch.set_num_threads(1)
     n_fields, per_field = 60, 16 * 16
-    recs = make_records(str(tmp_path), n_fields, ["DNA"], size=16)
+    recs = make_records(buckets, str(tmp_path), n_fields, ["DNA"], size=16)
     manifest = Manifest.from_records(recs, ["DNA"])
     pre = PreprocessConfig(downsample=1, clahe_tiles=2)
     epochs = 5
@@ -367,8 +368,8 @@ def test_raw_stream_hit_rate_matches_lru_permutation_law(tmp_path):
     del dl
 
 
-def test_raw_stream_refuses_bad_setup(tmp_path):
-    recs = make_records(str(tmp_path), 2, ["DNA"], size=16)
+def test_raw_stream_refuses_bad_setup(tmp_path, buckets):
+    recs = make_records(buckets, str(tmp_path), 2, ["DNA"], size=16)
     manifest = Manifest.from_records(recs, ["DNA"])
     cfg = LoaderConfig(mode="raw", num_workers=1)
     with pytest.raises(ValueError, match="no fields in split 'val'"):
@@ -384,3 +385,36 @@ def test_raw_stream_refuses_bad_setup(tmp_path):
     batches = list(DataLoader(stream, batch_size=2, collate_fn=collate_fields))
     assert len(batches) == 1 and tuple(batches[0]["images"].shape) == (2, 1, 8, 8)
     assert sorted(batches[0]["field_ids"]) == sorted(r.field_id for r in recs)
+
+
+def test_both_streams_keep_the_epoch_in_one_shared_helper(tmp_path, buckets):
+    """RawFieldStream and ShardStream share SharedEpoch: same checks, and the epoch reaches forked workers."""
+    from dinocell.data.epoch import SharedEpoch
+    from dinocell.data.shard_reader import ShardStream
+
+    recs = make_records(buckets, str(tmp_path), 2, ["DNA"], size=16)
+    stream = RawFieldStream(Manifest.from_records(recs, ["DNA"]), LoaderConfig(mode="raw"), SMALL, ["DNA"])
+    assert isinstance(stream, SharedEpoch) and issubclass(ShardStream, SharedEpoch)
+    assert stream.epoch == 0
+    stream.set_epoch(3)
+    assert stream.epoch == 3 and stream.stats()["epoch"] == 3
+    with pytest.raises(ValueError, match="epoch must be >= 0, got -1"):
+        stream.set_epoch(-1)
+    assert stream.epoch == 3
+    # Set after the worker process started: it sees the new epoch (shared memory, not its copy of the object).
+    ctx = torch.multiprocessing.get_context("fork")
+    started, seen = ctx.Event(), ctx.Queue()
+
+    def worker():
+        started.set()
+        deadline = time.monotonic() + 30
+        while stream.epoch != 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.put(stream.epoch)
+
+    proc = ctx.Process(target=worker)
+    proc.start()
+    assert started.wait(30)
+    stream.set_epoch(5)
+    assert seen.get(timeout=60) == 5
+    proc.join(30)

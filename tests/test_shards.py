@@ -19,9 +19,11 @@ from dinocell import storage
 from dinocell.channels import FLUORESCENT_CHANNELS
 from dinocell.config import LoaderConfig, PreprocessConfig, ShardConfig
 from dinocell.data.fields import FieldLoader
-from dinocell.data.shard_reader import CorruptShardError, ShardStream, read_shard
-from dinocell.data.shards import ShardBuildError, ShardIndex, write_shards
-from dinocell.jump.manifest import FieldRecord, Manifest, make_field_id
+from dinocell.data.shard_format import ShardBuildError, ShardIndex
+from dinocell.data.shard_reader import ShardStream
+from dinocell.data.shard_tar import CorruptShardError, read_shard
+from dinocell.data.shards import write_shards
+from dinocell.jump.manifest import Manifest, make_field_id
 
 torch.set_num_threads(1)
 
@@ -37,7 +39,9 @@ def _tiff(rng) -> bytes:
     return buf.getvalue()
 
 
-def make_inputs(root: str, n_fields: int = 12, faults: bool = True, seed: int = 0) -> tuple[Manifest, set[str]]:
+def make_inputs(
+    buckets, root: str, n_fields: int = 12, faults: bool = True, seed: int = 0
+) -> tuple[Manifest, set[str]]:
     """TIFFs for `n_fields` fields over 2 plates under `root` (local dir or s3:// prefix) and their manifest.
 
     With faults: field 1 lacks its ER object (the URI points nowhere), field 2 has a corrupt RNA TIFF.
@@ -47,21 +51,19 @@ def make_inputs(root: str, n_fields: int = 12, faults: bool = True, seed: int = 
     records, bad = [], set()
     for i in range(n_fields):
         plate, well, site = f"P{i % 2}", f"A{i // 4 + 1:02d}", i % 4 + 1
-        fid = make_field_id("B1", plate, well, site)
-        uris = {}
+        images = {}
         for ch in CH:
-            uri = storage.join(root, "B1", plate, f"{well}_s{site}_{ch}.tiff")
             data = _tiff(rng)
             if faults and i == 1 and ch == "ER":
-                uris[ch] = uri  # never written: a missing channel
-                bad.add(fid)
-                continue
-            if faults and i == 2 and ch == "RNA":
+                data = None  # never written: a missing channel
+            elif faults and i == 2 and ch == "RNA":
                 data = b"II*\x00" + b"\x07" * 40  # a TIFF signature and garbage
-                bad.add(fid)
-            storage.write_bytes(uri, data)
-            uris[ch] = uri
-        records.append(FieldRecord(fid, "B1", plate, well, site, "train", uris))
+            images[ch] = (storage.join(root, "B1", plate, f"{well}_s{site}_{ch}.tiff"), data)
+        record = buckets.field("B1", plate, well, site, images)
+        assert record.field_id == make_field_id("B1", plate, well, site)
+        if faults and i in (1, 2):
+            bad.add(record.field_id)
+        records.append(record)
     return Manifest.from_records(records, CH), bad
 
 
@@ -84,12 +86,30 @@ def one_epoch(stream: ShardStream, worker: int = 0, num_workers: int = 1) -> lis
 
 
 @pytest.fixture(scope="module")
-def local_set(tmp_path_factory):
+def local_set(tmp_path_factory, buckets):
     """One local input set + shard set shared by the read-only tests (12 fields, 2 faulty, 3 per shard: 4 shards)."""
     root = tmp_path_factory.mktemp("shards")
-    manifest, bad = make_inputs(str(root / "raw"))
+    manifest, bad = make_inputs(buckets, str(root / "raw"))
     index = write_shards(manifest, str(root / "out"), shard_cfg(str(root / "out")), PRE)
     return manifest, bad, index, expected_images(manifest, bad)
+
+
+def test_public_names_stay_where_callers_import_them():
+    """The shard step's names are importable from dinocell.data.shards / shard_reader as before the split."""
+    from dinocell.data import shard_format, shard_reader, shard_tar, shards
+
+    assert shards.INDEX_NAME == "index.json" == shard_format.INDEX_NAME
+    assert (shards.ShardIndex, shards.ShardInfo, shards.ShardBuildError) == (
+        shard_format.ShardIndex,
+        shard_format.ShardInfo,
+        ShardBuildError,
+    )
+    assert (shards.write_tar_member, shards.finish_tar) == (shard_tar.write_tar_member, shard_tar.finish_tar)
+    for name in shard_reader.__all__:
+        assert getattr(shard_reader, name) is not None, name
+    assert (shard_reader.read_shard, shard_reader.CorruptShardError) == (read_shard, CorruptShardError)
+    for name in shards.__all__:
+        assert getattr(shards, name) is not None, name
 
 
 # --------------------------------------------------------------------------- round trips
@@ -159,8 +179,8 @@ def test_shards_are_standard_webdataset_tars(local_set):
         ]
 
 
-def test_round_trip_s3_with_process_pool(s3_bucket):
-    manifest, bad = make_inputs(f"s3://{s3_bucket}/raw")
+def test_round_trip_s3_with_process_pool(s3_bucket, buckets):
+    manifest, bad = make_inputs(buckets, f"s3://{s3_bucket}/raw")
     out = f"s3://{s3_bucket}/shards/train"
     index = write_shards(manifest, out, shard_cfg(out, workers=2), PRE)
     assert index.uri == f"{out}/index.json" and storage.exists(index.uri)
@@ -290,8 +310,8 @@ def test_resume_with_a_multiprocess_dataloader(local_set):
 # --------------------------------------------------------------------------- the writer resumes
 
 
-def test_writer_rebuilds_only_missing_or_stale_shards(tmp_path):
-    manifest, _ = make_inputs(str(tmp_path / "raw"), n_fields=10, faults=False)
+def test_writer_rebuilds_only_missing_or_stale_shards(tmp_path, buckets):
+    manifest, _ = make_inputs(buckets, str(tmp_path / "raw"), n_fields=10, faults=False)
     out = tmp_path / "out"
     first = write_shards(manifest, str(out), shard_cfg(str(out), per_shard=3), PRE)
     assert len(first.shards) == 4 and first.reused == []
@@ -317,8 +337,8 @@ def test_writer_rebuilds_only_missing_or_stale_shards(tmp_path):
     )
 
 
-def test_writer_refuses_bad_requests(tmp_path):
-    manifest, _ = make_inputs(str(tmp_path / "raw"), n_fields=2, faults=False)
+def test_writer_refuses_bad_requests(tmp_path, buckets):
+    manifest, _ = make_inputs(buckets, str(tmp_path / "raw"), n_fields=2, faults=False)
     with pytest.raises(ValueError, match=r"channels \['HighZBF', 'LowZBF', 'Brightfield'\] are not in the manifest"):
         write_shards(manifest, str(tmp_path / "o"), ShardConfig(include_brightfield=True), PRE)
     with pytest.raises(ValueError, match="no fields in split 'val'"):
@@ -326,7 +346,7 @@ def test_writer_refuses_bad_requests(tmp_path):
     twice = Manifest.from_records([manifest.record(0), manifest.record(1), manifest.record(0)], CH)
     with pytest.raises(ValueError, match=r"1 field_ids more than once, e.g. \['B1/P0/A01/1'\]"):
         write_shards(twice, str(tmp_path / "o"), ShardConfig(), PRE)
-    broken, _ = make_inputs(str(tmp_path / "raw2"), n_fields=2, faults=False)
+    broken, _ = make_inputs(buckets, str(tmp_path / "raw2"), n_fields=2, faults=False)
     for r in broken.records():
         storage.delete(r.uris["DNA"])
     with pytest.raises(ShardBuildError, match="none of the first 2 fields"):
@@ -394,26 +414,21 @@ def test_a_consumer_whose_every_shard_is_corrupt_fails_loudly(local_set, tmp_pat
 # --------------------------------------------------------------------------- with the project's synthetic bucket
 
 
-def test_synth_bucket_discover_shard_read(tmp_path):
+def test_synth_bucket_discover_shard_read(tmp_path, buckets):
     """End to end on the project's synthetic JUMP bucket: planted faults in the packed channels are exactly the skips."""
-    synth = pytest.importorskip("dinocell.synth.bucket")
-    discover = pytest.importorskip("dinocell.jump.discover")
-    from dinocell.config import DataConfig
+    from dinocell.synth import SynthFaults
 
     root = str(tmp_path / "source")
-    report = synth.synth_bucket(
+    report = buckets.synth(
         root,
-        batches=1,
         plates_per_batch=2,
-        wells_per_plate=2,
         sites_per_well=2,
         size=SIZE,
         seed=0,
-        faults=synth.SynthFaults(missing_channel=2, corrupt_tiff=2, truncated_tiff=1),
+        faults=SynthFaults(missing_channel=2, corrupt_tiff=2, truncated_tiff=1),
     )
-    manifest = discover.discover_fields(
-        DataConfig(images_prefix=storage.join(root, "images"), val_fraction=0.0)
-    ).manifest
+    assert (report.n_plates, report.n_fields) == (2, 8)
+    manifest = buckets.manifest(report)
     planted = {make_field_id(f.batch, f.plate, f.well, f.site) for f in report.faults if f.channel in CH}
     assert planted, "the seed should plant faults in fluorescent channels"
     out = str(tmp_path / "shards")

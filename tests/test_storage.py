@@ -20,6 +20,24 @@ def test_local_roundtrip_atomic_and_listing(tmp_path):
         storage.read_bytes(str(tmp_path / "missing"))
 
 
+def test_local_write_fsyncs_by_default_and_can_opt_out(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    storage.write_bytes(str(tmp_path / "d" / "durable.bin"), b"1")
+    assert len(synced) == 1
+    # fsync=False: no fsync, but still atomic (temp file + rename: no sibling left) and the same permissions.
+    storage.write_bytes(str(tmp_path / "d" / "bulk.bin"), b"22", fsync=False)
+    storage.write_text(str(tmp_path / "d" / "text.txt"), "x")
+    assert len(synced) == 2
+    assert sorted(os.listdir(tmp_path / "d")) == ["bulk.bin", "durable.bin", "text.txt"]
+    assert storage.read_bytes(str(tmp_path / "d" / "bulk.bin")) == b"22"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "d").iterdir()}
+    assert modes["bulk.bin"] == modes["durable.bin"] == modes["text.txt"]
+    with pytest.raises(TypeError):
+        storage.write_bytes(str(tmp_path / "d" / "x.bin"), b"3", False)  # keyword only: never by accident
+
+
 @pytest.mark.parametrize("bad", ["../etc/passwd", "/etc/passwd", "a/../../x", "s3://other/x", "a\\..\\b", "..", "a\x00b"])
 def test_safe_join_refuses_escape(bad, tmp_path):
     with pytest.raises(ValueError, match="refusing"):

@@ -177,18 +177,10 @@ def test_url_form_csv_columns_and_every_url_resolves(url_bucket):
     assert len(fields) == 2 * 32
 
 
-def test_filename_form_and_stale_prefix(tmp_path):
+def test_filename_form_and_stale_prefix(tmp_path, buckets):
     root = tmp_path / "source_4"
-    report = synth_bucket(
-        str(root),
-        batches=1,
-        plates_per_batch=1,
-        wells_per_plate=2,
-        sites_per_well=1,
-        size=64,
-        csv_form="filename",
-        workers=1,
-    )
+    report = buckets.synth(root, csv_form="filename", workers=1)  # 1 batch, 1 plate, 2 wells, 1 site, 64 x 64
+    assert (report.n_plates, report.n_fields, report.size) == (1, 2, 64)
     rows = read_csv(report.load_data_with_illum_uris[0])
     assert list(rows[0]) == load_data_columns("filename", True)
     for row in rows:
@@ -201,17 +193,7 @@ def test_filename_form_and_stale_prefix(tmp_path):
     stale = "s3://old-bucket/projects/cpg0000-jump-pilot/source_4"
     for form, col in (("url", "URL_OrigDNA"), ("filename", "PathName_OrigDNA")):
         root2 = tmp_path / f"stale_{form}"
-        rep = synth_bucket(
-            str(root2),
-            batches=1,
-            plates_per_batch=1,
-            wells_per_plate=2,
-            sites_per_well=1,
-            size=64,
-            csv_form=form,
-            url_prefix_override=stale + "/",
-            workers=1,
-        )
+        rep = buckets.synth(root2, csv_form=form, url_prefix_override=stale + "/", workers=1)
         for row in read_csv(rep.load_data_uris[0]):
             value = row[col]
             assert value.startswith(stale + "/images/")
@@ -396,12 +378,12 @@ def test_large_fields_render_at_half_resolution_without_losing_structure():
 # --------------------------------------------------------------------------- determinism, faults, S3
 
 
-def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
-    kw = {"batches": 1, "plates_per_batch": 2, "wells_per_plate": 2, "sites_per_well": 1, "size": 64, "workers": 2}
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, buckets):
+    kw = {"plates_per_batch": 2, "workers": 2}  # and 1 batch, 2 wells, 1 site, 64 x 64
     roots = [tmp_path / name / "source_4" for name in ("a", "b", "c")]
-    synth_bucket(str(roots[0]), seed=1, **kw)
-    synth_bucket(str(roots[1]), seed=1, **{**kw, "workers": 1})  # the thread count must not matter
-    synth_bucket(str(roots[2]), seed=2, **kw)
+    assert buckets.synth(roots[0], seed=1, **kw).n_fields == 4
+    buckets.synth(roots[1], seed=1, **{**kw, "workers": 1})  # the thread count must not matter
+    buckets.synth(roots[2], seed=2, **kw)
 
     def contents(root):  # CSVs name their own root: compare them with it removed
         return {k: (root / k).read_bytes().replace(str(root).encode(), b"ROOT") for k in rel_keys(str(root))}
@@ -414,20 +396,10 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert len(imgs_a) == len(imgs_c) and not set(imgs_a) & set(imgs_c)
 
 
-def test_faults_are_planted_exactly_as_reported(tmp_path):
+def test_faults_are_planted_exactly_as_reported(tmp_path, buckets):
     root = tmp_path / "source_4"
     faults = SynthFaults(missing_channel=2, corrupt_tiff=2, truncated_tiff=2, stray_files=3, seed=7)
-    report = synth_bucket(
-        str(root),
-        batches=1,
-        plates_per_batch=2,
-        wells_per_plate=2,
-        sites_per_well=2,
-        size=64,
-        csv_form="filename",
-        faults=faults,
-        workers=2,
-    )
+    report = buckets.synth(root, plates_per_batch=2, sites_per_well=2, csv_form="filename", faults=faults, workers=2)
     kinds = {k: report.faults_of(k) for k in ("missing_channel", "corrupt_tiff", "truncated_tiff", "stray_file")}
     assert [len(v) for v in kinds.values()] == [2, 2, 2, 3]
     assert len({f.uri for f in report.faults}) == 9  # all distinct
@@ -465,25 +437,9 @@ def test_faults_are_planted_exactly_as_reported(tmp_path):
     assert "2 missing_channel" in report.summary() and "3 stray_file" in report.summary()
 
     with pytest.raises(ValueError, match="image faults requested"):
-        synth_bucket(
-            str(tmp_path / "x"),
-            batches=1,
-            plates_per_batch=1,
-            wells_per_plate=1,
-            sites_per_well=1,
-            size=32,
-            faults=SynthFaults(corrupt_tiff=9),
-        )
+        buckets.synth(tmp_path / "x", wells_per_plate=1, size=32, faults=SynthFaults(corrupt_tiff=9))
     with pytest.raises(ValueError, match="stray files requested"):
-        synth_bucket(
-            str(tmp_path / "y"),
-            batches=1,
-            plates_per_batch=1,
-            wells_per_plate=1,
-            sites_per_well=1,
-            size=32,
-            faults=SynthFaults(stray_files=5),
-        )
+        buckets.synth(tmp_path / "y", wells_per_plate=1, size=32, faults=SynthFaults(stray_files=5))
 
 
 @pytest.mark.parametrize(
@@ -502,20 +458,16 @@ def test_bad_arguments_are_refused_with_the_parameter_named(tmp_path, kwargs, me
     assert not (tmp_path / "s4").exists()
 
 
-def test_s3_bucket_holds_the_same_keys_and_bytes_as_the_local_form(s3_bucket, tmp_path):
-    kw = {
-        "batches": 1,
+def test_s3_bucket_holds_the_same_keys_and_bytes_as_the_local_form(s3_bucket, tmp_path, buckets):
+    kw = {  # and 1 batch, 2 wells, 1 site, 64 x 64
         "plates_per_batch": 2,
-        "wells_per_plate": 2,
-        "sites_per_well": 1,
-        "size": 64,
         "workers": 4,
         "faults": SynthFaults(stray_files=2, corrupt_tiff=1, missing_channel=1, seed=1),
     }
     s3_root = f"s3://{s3_bucket}/cpg0000-jump-pilot/source_4"
     local_root = tmp_path / "cpg0000-jump-pilot" / "source_4"
-    rs3 = synth_bucket(s3_root, **kw)
-    rlocal = synth_bucket(str(local_root), **kw)
+    rs3 = buckets.synth(s3_root, **kw)
+    rlocal = buckets.synth(local_root, **kw)
     s3_keys, local_keys = rel_keys(s3_root), rel_keys(str(local_root))
     # images (one missing) + illum + CSVs + plate maps + stray files
     assert set(s3_keys) == set(local_keys) and len(s3_keys) == 2 * 8 * 2 - 1 + 2 * 8 + 2 * 2 + 2 + 2
@@ -535,3 +487,21 @@ def test_s3_bucket_holds_the_same_keys_and_bytes_as_the_local_form(s3_bucket, tm
 
     assert strip(rs3, s3_root) == strip(rlocal, str(local_root))
     assert rs3.n_bytes == sum(s3_keys.values())
+
+
+def test_local_bulk_writes_skip_fsync_and_the_public_names_stay(tmp_path, buckets, monkeypatch):
+    """`dinocell synth` writes local objects atomically but without one fsync each (it was I/O-bound on them)."""
+    import os
+
+    import dinocell.synth as synth_pkg
+    from dinocell.synth import bucket
+
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    report = buckets.synth(tmp_path / "s4", faults=SynthFaults(stray_files=1, truncated_tiff=1))
+    assert synced == []
+    keys = rel_keys(str(tmp_path / "s4"))
+    assert report.n_bytes == sum(keys.values()) and not [k for k in keys if k.endswith(".tmp")]
+    assert (synth_pkg.synth_bucket, synth_pkg.SynthFaults) == (bucket.synth_bucket, bucket.SynthFaults)
+    for name in bucket.__all__:
+        assert getattr(bucket, name) is not None, name

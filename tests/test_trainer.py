@@ -11,8 +11,9 @@ import torch.multiprocessing as mp
 
 from dinocell import storage
 from dinocell.config import DataConfig, PreprocessConfig, ShardConfig, config_from_dict, load_config, packaged_config
+from dinocell.train.batches import WorkerOrderedBatches
 from dinocell.train.checkpoint import CheckpointManager
-from dinocell.train.trainer import NonFiniteLossError, WorkerOrderedBatches, pretrain
+from dinocell.train.step import NonFiniteLossError, pretrain
 
 torch.set_num_threads(2)
 
@@ -127,6 +128,66 @@ def test_worker_ordered_batches_restores_the_interrupted_order():
     # after 3 batches worker 0 delivered 2, worker 1 delivered 1; a fresh loader starts at worker 0 again
     resumed = WorkerOrderedBatches(loader({0: 2, 1: 1}), 2, 3)
     assert [next(resumed)["id"] for _ in range(4)] == order[3:]
+
+
+def assert_same_masks(a, b, what):
+    assert a.n_masked_patches == b.n_masked_patches, what
+    for name in ("masks", "mask_indices", "masks_weight"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), f"{what}: {name} differs"
+
+
+def test_ibot_masks_come_with_the_batch_from_the_workers_and_survive_a_resume(shard_set, tmp_path, monkeypatch):
+    """The DataLoader workers build each batch's iBOT masks (never the training process), seeded by (seed, rank,
+    iteration): a crashed and resumed run uses exactly the masks of the straight run, iteration by iteration."""
+    from torch.utils.data import get_worker_info
+
+    import dinocell.train.batches as batches
+    from dinocell.loss import collate_masks
+    from dinocell.train.seeds import mask_rng
+
+    def only_in_workers(*args, **kwargs):
+        assert get_worker_info() is not None, "iBOT masks built in the training process, not in a DataLoader worker"
+        return collate_masks(*args, **kwargs)
+
+    monkeypatch.setattr(batches, "collate_masks", only_in_workers)  # forked workers inherit the patch
+
+    def recorder(store, crash_at=None):
+        def hook(iteration, info):
+            store[iteration] = info["masks"]
+            if iteration == crash_at:
+                raise SimulatedCrash("killed")
+        return hook
+
+    workers = "loader.num_workers=2"
+    straight, crashed, resumed = {}, {}, {}
+    pretrain(tiny_cfg(shard_set, tmp_path, "straight", workers), on_iteration=recorder(straight))
+    with pytest.raises(SimulatedCrash):
+        pretrain(tiny_cfg(shard_set, tmp_path, "crashed", workers), on_iteration=recorder(crashed, crash_at=5))
+    result = pretrain(tiny_cfg(shard_set, tmp_path, "crashed", workers), on_iteration=recorder(resumed))
+    assert result.resumed_from.endswith("ckpt-00000003.pt")
+    assert sorted(straight) == [1, 2, 3, 4, 5, 6] and sorted(crashed) == [1, 2, 3, 4, 5] and sorted(resumed) == [4, 5, 6]
+    for it in crashed:
+        assert_same_masks(crashed[it], straight[it], f"iteration {it} before the crash")
+    for it in resumed:
+        assert_same_masks(resumed[it], straight[it], f"iteration {it} after the resume")
+
+    # the masks of iteration i are a function of (seed, rank, i) alone (whatever the workers and their order)
+    cfg = tiny_cfg(shard_set, tmp_path, "straight", workers)
+    grid = (cfg.augment.global_size // cfg.model.patch_size,) * 2
+    for it, got in straight.items():
+        assert got.n_images == 2 * cfg.loader.batch_size and got.masks.shape[1] == grid[0] * grid[1]
+        want = collate_masks(2 * cfg.loader.batch_size, grid, tuple(cfg.loss.mask_ratio_min_max),
+                             cfg.loss.mask_probability, generator=mask_rng(cfg.train.seed, 0, it - 1))
+        assert_same_masks(got, want, f"iteration {it} vs mask_rng")
+    assert len({tuple(m.mask_indices.tolist()) for m in straight.values()}) == len(straight)  # fresh every iteration
+
+    # which iteration each worker's next batch is for, after a (re)start at iteration 3 with 2 workers
+    collate = batches.CollateWithMasks(None, 8, grid, (0.1, 0.5), 0.5, seed=0, rank=0, num_workers=2)
+    collate.start(3, worker_ordered=True)  # WorkerOrderedBatches: iteration i takes worker i % 2's batch
+    assert collate.next_iteration == [4, 3]
+    collate.start(3, worker_ordered=False)  # the DataLoader's own round robin restarts at worker 0
+    assert collate.next_iteration == [3, 4]
 
 
 # ----------------------------------------------------------------------------------------------- DDP
@@ -280,3 +341,18 @@ def test_raw_mode_with_one_pass_epochs(shard_set, tmp_path):
     resumed = pretrain(tiny_cfg(shard_set, tmp_path, "raw", "loader.mode=raw", f"data.manifest={shard_set['manifest']}",
                                 "optim.iters_per_epoch=0", "train.max_iters=5", "train.ckpt_every=0"))
     assert resumed.resumed_from == result.final_checkpoint and resumed.iterations == 5
+
+
+def test_a_pod_that_requested_gpus_never_trains_on_cpu(monkeypatch):
+    """train.device auto falls back to CPU on a laptop, but not in a pod that asked for GPUs (wrong image or node)."""
+    from dinocell.train.distributed import REQUIRED_GPUS_ENV, resolve_device
+
+    monkeypatch.delenv(REQUIRED_GPUS_ENV, raising=False)
+    if not torch.cuda.is_available():
+        assert resolve_device("auto", 0) == torch.device("cpu")
+        monkeypatch.setenv(REQUIRED_GPUS_ENV, "8")
+        with pytest.raises(RuntimeError, match="requested 8 GPUs, CUDA not available: wrong image or node"):
+            resolve_device("auto", 0)
+    monkeypatch.setenv(REQUIRED_GPUS_ENV, "8")
+    with pytest.raises(RuntimeError, match="requested 8 GPUs"):
+        resolve_device("cpu", 0)

@@ -329,7 +329,7 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
 
 def packaged_config(name: str) -> str:
     """Path of a config shipped inside the package (`dinocell/configs/<name>.yaml`)."""
-    p = Path(__file__).parent / "configs" / f"{name}.yaml"
+    p = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
     if not p.exists():
         raise ConfigError(f"no packaged config named {name!r} (looked for {p})")
     return str(p)

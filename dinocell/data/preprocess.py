@@ -24,13 +24,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import threading
 
 import cv2
 import numpy as np
 import tifffile
 
 from dinocell.config import PreprocessConfig
+from dinocell.data.clahe import clahe
 
 # Bump when the output of preprocess_channel changes for the same config: it is part of every cache/shard signature.
 PREPROCESS_VERSION = "1"
@@ -167,26 +167,6 @@ def scale_to_uint8(img: np.ndarray, low_pct: float, high_pct: float, subsample: 
     x += np.float32(0.5)
     np.clip(x, 0, 255, out=x)
     return x.astype(np.uint8)
-
-
-_clahe_local = threading.local()
-
-
-def clahe(u8: np.ndarray, clip: float = 3.0, tiles: int = 8) -> np.ndarray:
-    """Contrast-limited adaptive histogram equalisation (OpenCV) of a uint8 [H, W] image.
-
-    The CLAHE object is cached per thread and per (clip, tiles): OpenCV objects are not safe to share across threads.
-    """
-    if u8.dtype != np.uint8 or u8.ndim != 2:
-        raise ValueError(f"clahe expects a uint8 [H, W] image, got {u8.dtype} {u8.shape}")
-    objs = getattr(_clahe_local, "objs", None)
-    if objs is None:
-        objs = _clahe_local.objs = {}
-    key = (float(clip), int(tiles))
-    obj = objs.get(key)
-    if obj is None:
-        obj = objs[key] = cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(int(tiles), int(tiles)))
-    return obj.apply(np.ascontiguousarray(u8))
 
 
 def downsample_area(u8: np.ndarray, factor: int) -> np.ndarray:

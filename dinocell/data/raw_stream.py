@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from ctypes import c_int64
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from multiprocessing.sharedctypes import RawArray, RawValue
+from multiprocessing.sharedctypes import RawArray
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -43,6 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from dinocell import storage
 from dinocell.config import LoaderConfig, PreprocessConfig
 from dinocell.data.cache import LRUCache
+from dinocell.data.epoch import SharedEpoch
 from dinocell.data.fields import FieldLoader, FieldLoadError, field_to_sample
 from dinocell.jump.manifest import Manifest
 
@@ -70,7 +71,7 @@ class _ProcState:
     logged_skips: int = 0
 
 
-class RawFieldStream(IterableDataset):
+class RawFieldStream(SharedEpoch, IterableDataset):
     """Fields of one manifest split, read from storage on demand and preprocessed in the workers.
 
     Yields dicts {"image": torch.uint8 [C, H, W], "channels": tuple, "channel_ids": tuple, "field_id": str,
@@ -111,7 +112,7 @@ class RawFieldStream(IterableDataset):
         self._n_slots = max(1, loader_cfg.num_workers)
         self._counters = RawArray(c_int64, self._n_slots * len(_COUNTERS))
         self._reasons = RawArray("c", self._n_slots * MAX_REASONS_PER_WORKER * _REASON_BYTES)
-        self._epoch = RawValue(c_int64, 0)
+        self._init_epoch()
         # Spawned workers do not inherit storage.configure(); they re-apply this one.
         self._storage_cfg = storage.get_config()
         self._proc: _ProcState | None = None
@@ -123,16 +124,7 @@ class RawFieldStream(IterableDataset):
         state["_proc"] = None  # loaders, caches and locks stay in their process
         return state
 
-    # ------------------------------------------------------------------ order
-    def set_epoch(self, epoch: int) -> None:
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._epoch.value = int(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch.value)
-
+    # ------------------------------------------------------------------ order (set_epoch / epoch: SharedEpoch)
     def epoch_order(self, epoch: int, worker_id: int = 0, num_workers: int = 1) -> np.ndarray:
         """Manifest row indices (within the split) that this rank's worker reads in `epoch`, in reading order."""
         total = self.world_size * num_workers

@@ -51,12 +51,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from ctypes import c_int64
-from multiprocessing.sharedctypes import RawArray, RawValue
+from multiprocessing.sharedctypes import RawArray
 from typing import Any
 
 import numpy as np
@@ -65,8 +64,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from dinocell import storage
 from dinocell.config import LoaderConfig
+from dinocell.data.epoch import SharedEpoch
 from dinocell.data.fields import channel_ids_of, collate_fields
-from dinocell.data.shards import ShardIndex, ShardInfo
+from dinocell.data.shard_format import ShardIndex, ShardInfo
+from dinocell.data.shard_tar import CorruptShardError, iter_tar, open_stream, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -74,176 +75,9 @@ __all__ = ["STATE_FORMAT", "CorruptShardError", "ShardStream", "iter_tar", "open
 
 STATE_FORMAT = "dinocell-shardstream"
 _STATE_VERSION = 1
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
 # Per-worker counters in shared memory (summed by stats() in the main process, whatever num_workers is).
 _COUNTERS = ("fields_yielded", "shards_read", "shards_failed", "bytes_read", "read_us")
 _IDX = {name: i for i, name in enumerate(_COUNTERS)}
-
-
-class CorruptShardError(RuntimeError):
-    """A shard whose bytes are not what the index says (truncated, bad hash, malformed members); names the shard."""
-
-
-# --------------------------------------------------------------------------- byte streams
-
-
-def open_stream(uri: str):
-    """A binary file-like object with `readinto` over the object at `uri` (local file or S3 GET body).
-
-    A missing object raises CorruptShardError (retrying cannot help); other failures raise StorageError.
-    """
-    try:
-        return storage.open_read(uri)
-    except storage.NotFound as e:
-        raise CorruptShardError(f"{uri}: missing ({e})") from e
-
-
-class _CountingReader:
-    """Wraps a stream: counts bytes and (optionally) hashes them as they are read; `readinto` only."""
-
-    def __init__(self, raw, hash_it: bool):
-        self.raw = raw
-        self.sha = hashlib.sha256() if hash_it else None
-        self.size = 0
-
-    def readinto(self, buf) -> int:
-        n = self.raw.readinto(buf)
-        if n:
-            if self.sha is not None:
-                self.sha.update(memoryview(buf)[:n])  # hashlib releases the GIL on large buffers
-            self.size += n
-        return n or 0
-
-
-def _read_exact(r, buf, source: str, what: str) -> None:
-    mv = memoryview(buf)
-    pos = 0
-    while pos < len(mv):
-        n = r.readinto(mv[pos:])
-        if not n:
-            raise CorruptShardError(f"{source}: truncated: end of data inside {what} ({pos} of {len(mv)} bytes)")
-        pos += n
-
-
-def _parse_pax(data: bytes, source: str) -> dict[str, str]:
-    """PAX extended header records: '<len> <key>=<value>\\n' ..."""
-    out, pos = {}, 0
-    while pos < len(data) and data[pos : pos + 1] not in (b"\0", b""):
-        sp = data.index(b" ", pos)
-        length = int(data[pos:sp])
-        if length <= 0:
-            raise CorruptShardError(f"{source}: malformed PAX header")
-        key, _, value = data[sp + 1 : pos + length - 1].partition(b"=")
-        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
-
-
-def iter_tar(r, source: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream the regular-file members of a tar as (name, payload) from a `readinto` stream; each payload is its own
-    uint8 1-D array (writable, so it can become a tensor without a copy).
-
-    Reads USTAR / GNU / PAX headers (long names, PAX path/size); directories and global headers are skipped, links
-    and devices refused. Ends at the end-of-archive marker (and reads the padding after it, so a hashing reader sees
-    every byte); a stream that ends without the marker is truncated.
-    """
-    header = bytearray(_BLOCK)
-    next_name: str | None = None
-    next_size: int | None = None
-    while True:
-        first = r.readinto(header)
-        if not first:
-            raise CorruptShardError(f"{source}: truncated: no end-of-archive marker")
-        if first < _BLOCK:
-            _read_exact(r, memoryview(header)[first:], source, "a tar header")
-        if header == _ZERO_BLOCK:  # end of archive: drain the zero padding that follows
-            sink = bytearray(64 * 1024)
-            while r.readinto(sink):
-                pass
-            return
-        try:
-            info = tarfile.TarInfo.frombuf(bytes(header), "utf-8", "surrogateescape")
-        except tarfile.HeaderError as e:
-            raise CorruptShardError(f"{source}: bad tar header: {e}") from e
-        size = next_size if next_size is not None else info.size
-        name = next_name if next_name is not None else info.name
-        payload = np.empty(size, np.uint8)  # not bytearray: no zero-fill before the read overwrites it
-        _read_exact(r, payload, source, f"member {name}")
-        pad = (-size) % _BLOCK
-        if pad:
-            _read_exact(r, bytearray(pad), source, f"padding of {name}")
-        if info.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE):
-            next_name = next_size = None
-            yield name, payload
-        elif info.type == tarfile.XHDTYPE:
-            pax = _parse_pax(payload.tobytes(), source)
-            next_name = pax.get("path", next_name)
-            next_size = int(pax["size"]) if "size" in pax else next_size
-        elif info.type == tarfile.GNUTYPE_LONGNAME:
-            next_name = payload.tobytes().rstrip(b"\0").decode("utf-8", "surrogateescape")
-        elif info.type in (tarfile.XGLTYPE, tarfile.DIRTYPE):
-            next_name = next_size = None
-        else:
-            raise CorruptShardError(f"{source}: unexpected tar member type {info.type!r} ({name})")
-
-
-def _split_key(name: str) -> tuple[str, str]:
-    """WebDataset convention: the key is the path up to the first '.' of the base name; the rest is the extension."""
-    head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot:
-        return name, ""
-    return (f"{head}/{stem}" if head else stem), ext
-
-
-def _decode_sample(key: str, parts: dict[str, np.ndarray], source: str) -> tuple[dict, np.ndarray]:
-    if "json" not in parts or "u8" not in parts:
-        raise CorruptShardError(f"{source}: sample {key} lacks {'.json' if 'json' not in parts else '.u8'}")
-    try:
-        meta = json.loads(parts["json"].tobytes())
-        shape = tuple(int(x) for x in meta["shape"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CorruptShardError(f"{source}: sample {key}: unreadable metadata: {e}") from e
-    data = parts["u8"]
-    if meta.get("dtype", "uint8") != "uint8" or len(shape) != 3 or int(np.prod(shape)) != data.size:
-        raise CorruptShardError(f"{source}: sample {key}: {data.size} bytes do not hold uint8 {list(shape)}")
-    return meta, data.reshape(shape)  # a view over the read buffer: no copy
-
-
-def read_shard(
-    uri: str,
-    expected_bytes: int | None = None,
-    expected_sha256: str | None = None,
-    verify: str = "sha256",
-) -> list[tuple[dict, np.ndarray]]:
-    """All (metadata, uint8 [C,H,W]) samples of one shard, in tar order, after the whole shard checked out.
-
-    Raises CorruptShardError (truncated, wrong size, sha256 mismatch, malformed members) or StorageError (I/O).
-    """
-    if verify not in ("sha256", "size"):
-        raise ValueError(f"verify must be 'sha256' or 'size', got {verify!r}")
-    raw = open_stream(uri)
-    try:
-        r = _CountingReader(raw, hash_it=verify == "sha256" and expected_sha256 is not None)
-        samples: list[tuple[dict, np.ndarray]] = []
-        key, parts = None, {}
-        for name, payload in iter_tar(r, uri):
-            k, ext = _split_key(name)
-            if k != key:
-                if key is not None:
-                    samples.append(_decode_sample(key, parts, uri))
-                key, parts = k, {}
-            parts[ext] = payload
-        if key is not None:
-            samples.append(_decode_sample(key, parts, uri))
-    finally:
-        raw.close()
-    if expected_bytes is not None and r.size != expected_bytes:
-        raise CorruptShardError(f"{uri}: {r.size} bytes, the index records {expected_bytes} (truncated or replaced?)")
-    if r.sha is not None and r.sha.hexdigest() != expected_sha256:
-        raise CorruptShardError(f"{uri}: sha256 {r.sha.hexdigest()} does not match the index ({expected_sha256})")
-    return samples
 
 
 # --------------------------------------------------------------------------- the stream
@@ -253,7 +87,7 @@ def _seed_words(*parts: Any) -> list[int]:
     return [int(p) & 0xFFFFFFFF for p in parts]
 
 
-class ShardStream(IterableDataset):
+class ShardStream(SharedEpoch, IterableDataset):
     """Per-field samples from a shard index for one rank; see the module docstring for the policies.
 
     Yields {"image": torch.uint8 [C,H,W], "channels": tuple, "channel_ids": tuple, "field_id": str, "plate": str,
@@ -290,7 +124,7 @@ class ShardStream(IterableDataset):
         self.seed = (int(loader_cfg.seed), int(seed))
         self.channels = tuple(self.index.channels)
         self.channel_ids = channel_ids_of(self.channels)
-        self._epoch = RawValue(c_int64, 0)  # shared, so persistent DataLoader workers see set_epoch
+        self._init_epoch()  # shared, so persistent DataLoader workers see set_epoch
         self._n_slots = self.cfg_workers
         self._counts = RawArray(c_int64, self._n_slots * len(_COUNTERS))
         self._storage_cfg = storage.get_config()  # spawned workers do not inherit storage.configure()
@@ -306,17 +140,7 @@ class ShardStream(IterableDataset):
     def from_uri(cls, index_uri: str, loader_cfg: LoaderConfig | None = None, **kw) -> ShardStream:
         return cls(index_uri, loader_cfg or LoaderConfig(), **kw)
 
-    # ------------------------------------------------------------------ assignment
-    def set_epoch(self, epoch: int) -> None:
-        """Finite mode: the epoch the next iteration yields (like DistributedSampler.set_epoch)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._epoch.value = int(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch.value)
-
+    # ------------------------------------------------------------------ assignment (set_epoch / epoch: SharedEpoch)
     def shard_order(self, epoch: int) -> np.ndarray:
         """The epoch's permutation of the (non-empty) shards; the same on every rank."""
         rng = np.random.default_rng(_seed_words(*self.seed, epoch, 0x5A4D))

@@ -37,7 +37,7 @@ __all__ = [
     "EvalFields",
     "EvalResult",
     "analyse_embeddings",
-    "evaluate",
+    "run_evaluation",
     "load_eval_fields",
     "select_fields",
 ]
@@ -241,7 +241,7 @@ def _preprocess_differences(cfg, info: BackboneInfo) -> list[str]:
 # ----------------------------------------------------------------------------------------------- entry
 
 
-def evaluate(
+def run_evaluation(
     checkpoint_uri,
     manifest_uri: str,
     cfg,

@@ -1,47 +1,51 @@
 """Kubernetes side of training: job description, PyTorchJob / TrainJob builders, schema validation, launcher.
 
+Modules: jobspec (JobSpec, torchrun command), pytorchjob / trainjob (builders), validate (vendored CRD schemas),
+backends (the job kinds), cluster (API client, namespace), launcher (run_job), status (conditions, queued/pending),
+logs (master log streaming), cleanup (deleting the job), results (JobResult and the errors), step (the train step).
+
 The builders and validation need only the standard library and jsonschema; the launcher imports the `kubernetes`
 client lazily (extra `dinocell[pipeline]`).
 """
 
+from dinocell.launch.backends import get_backend
+from dinocell.launch.cluster import make_api_client, resolve_namespace
 from dinocell.launch.jobspec import (
     BACKENDS,
+    KUEUE_QUEUE_LABEL,
+    RESILIENT_MAX_RESTARTS,
+    RESILIENT_RUN_POLICY,
     JobSpec,
     JobSpecError,
     pretrain_command,
     torchrun_command,
     unique_job_name,
 )
-from dinocell.launch.launcher import (
-    JobFailed,
-    JobResult,
-    JobSubmitError,
-    JobTimeout,
-    make_api_client,
-    resolve_namespace,
-    run_job,
-)
+from dinocell.launch.launcher import DEFAULT_START_TIMEOUT_S, run_job
 from dinocell.launch.pytorchjob import build_pytorchjob
+from dinocell.launch.results import JobFailed, JobResult, JobSubmitError, JobTimeout
 from dinocell.launch.trainjob import build_trainjob
 from dinocell.launch.validate import ManifestInvalid, validate_object
 
 
 def build_job(spec: JobSpec, backend: str = "pytorchjob") -> dict:
     """The job object for `backend` ('pytorchjob' or 'trainjob')."""
-    from dinocell.launch.launcher import get_backend
-
     return get_backend(backend).build(spec)
 
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_START_TIMEOUT_S",
     "JobFailed",
     "JobResult",
     "JobSpec",
     "JobSpecError",
     "JobSubmitError",
     "JobTimeout",
+    "KUEUE_QUEUE_LABEL",
     "ManifestInvalid",
+    "RESILIENT_MAX_RESTARTS",
+    "RESILIENT_RUN_POLICY",
     "build_job",
     "build_pytorchjob",
     "build_trainjob",

@@ -39,6 +39,17 @@ PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 TOLERATION_KEYS = ("key", "operator", "value", "effect", "tolerationSeconds")
 TOLERATION_EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
 
+# The label Kueue reads on a job object to queue it in a LocalQueue (Kueue suspends the job until it is admitted).
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+_DNS1123_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+# Settings with which a failed PyTorchJob gives its GPUs back and a lost process or node is retried: torchrun
+# restarts the workers of a pod (--max-restarts), the kubelet restarts a failed container (OnFailure), the operator
+# fails the job after `backoff_limit` container restarts and then deletes the replicas still running (Running: the
+# pods that already ended stay for their logs). The manifests' overlays use them; pass them to JobSpec / pretrain_command.
+RESILIENT_RUN_POLICY = {"restart_policy": "OnFailure", "backoff_limit": 3, "clean_pod_policy": "Running"}
+RESILIENT_MAX_RESTARTS = 3
+
 DEFAULT_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
 DEFAULT_OPTIONAL_SECRET_KEYS = ("AWS_ENDPOINT_URL",)  # plain AWS S3 needs no endpoint
 
@@ -76,6 +87,8 @@ class JobSpec:
     restart_policy: str = "Never"
     image_pull_policy: str | None = None
     runtime_ref: str = "torch-distributed"  # TrainJob: the ClusterTrainingRuntime to use
+    queue_name: str | None = None  # Kueue LocalQueue: label kueue.x-k8s.io/queue-name on the job object only
+    scheduler_name: str | None = None  # PyTorchJob: schedulerName of every pod (TrainJob: set it in the runtime)
 
     def __post_init__(self) -> None:
         self.command = list(self.command)
@@ -166,6 +179,19 @@ def _check_spec(spec: JobSpec) -> None:
         check_label(key, value, "JobSpec.node_selector")
     for key, value in spec.labels.items():
         check_label(key, value, "JobSpec.labels")
+    if KUEUE_QUEUE_LABEL in spec.labels:
+        # labels also go to the pods (and a TrainJob's JobSet), which Kueue would then queue a second time
+        _fail(f"labels[{KUEUE_QUEUE_LABEL!r}]", "set JobSpec.queue_name instead (it labels the job object only)")
+    if spec.queue_name is not None:
+        if not isinstance(spec.queue_name, str) or not spec.queue_name:
+            _fail("queue_name", f"must name a Kueue LocalQueue, got {spec.queue_name!r}")
+        check_label(KUEUE_QUEUE_LABEL, spec.queue_name, "JobSpec.queue_name")
+    if spec.scheduler_name is not None and (
+        not isinstance(spec.scheduler_name, str)
+        or len(spec.scheduler_name) > 253
+        or not _DNS1123_SUBDOMAIN_RE.match(spec.scheduler_name)
+    ):
+        _fail("scheduler_name", f"{spec.scheduler_name!r} is not a scheduler name (a DNS subdomain, e.g. 'volcano')")
     for i, tol in enumerate(spec.tolerations):
         _check_toleration(tol, f"tolerations[{i}]")
     for key, value in spec.env.items():
@@ -221,8 +247,12 @@ def torchrun_command(
     backend: str,
     module: str = "dinocell.cli",
     module_args: Sequence[str] = (),
+    max_restarts: int = 0,
 ) -> list[str]:
-    """`torchrun --nnodes=N --nproc-per-node=P [rendezvous] -m MODULE ARGS...` for one backend.
+    """`torchrun --nnodes=N --nproc-per-node=P [--max-restarts=R] [rendezvous] -m MODULE ARGS...` for one backend.
+
+    max_restarts > 0: torchrun restarts the pod's worker processes up to R times after a failure before it exits
+    (0, torchrun's default, leaves the flag out).
 
     torchrun reads each unset option from PET_<OPTION>. Trainer v2 injects PET_NNODES, PET_NPROC_PER_NODE,
     PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT, so a bare torchrun finds its peers. The v1 Training Operator
@@ -235,7 +265,11 @@ def torchrun_command(
     for name, value in (("nnodes", nnodes), ("nproc_per_node", nproc_per_node)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise JobSpecError(f"torchrun_command: {name} must be a positive integer, got {value!r}")
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+        raise JobSpecError(f"torchrun_command: max_restarts must be an integer >= 0, got {max_restarts!r}")
     cmd = ["torchrun", f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}"]
+    if max_restarts:
+        cmd.append(f"--max-restarts={max_restarts}")
     if backend == "pytorchjob":
         cmd += ["--node-rank=$(RANK)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"]
     return cmd + ["-m", module, *module_args]
@@ -247,8 +281,11 @@ def pretrain_command(
     nnodes: int = 1,
     nproc_per_node: int = 1,
     backend: str = "pytorchjob",
+    max_restarts: int = 0,
 ) -> list[str]:
-    """torchrun running `dinocell pretrain --config URI --set key=value ...` (one --set per override)."""
+    """torchrun running `dinocell pretrain --config URI --set key=value ...` (one --set per override); a restarted
+    run resumes from the latest checkpoint of train.output_dir, so max_restarts > 0 loses at most a checkpoint
+    interval per restart."""
     if not isinstance(config_uri, str) or not config_uri:
         raise JobSpecError("pretrain_command: config_uri must be a non-empty URI or path")
     items = (
@@ -262,7 +299,7 @@ def pretrain_command(
     args = ["pretrain", "--config", config_uri]
     for item in items:
         args += ["--set", item]
-    return torchrun_command(nnodes, nproc_per_node, backend, module_args=args)
+    return torchrun_command(nnodes, nproc_per_node, backend, module_args=args, max_restarts=max_restarts)
 
 
 def _override_text(value: Any) -> str:
@@ -329,6 +366,14 @@ def shm_volume(spec: JobSpec) -> list[dict[str, Any]]:
     if spec.shm_size is None:
         return []
     return [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}]
+
+
+def job_labels(spec: JobSpec) -> dict[str, str]:
+    """Labels of the job object itself: JobSpec.labels plus the Kueue queue label (never copied to the pods)."""
+    labels = dict(spec.labels)
+    if spec.queue_name:
+        labels[KUEUE_QUEUE_LABEL] = spec.queue_name
+    return labels
 
 
 def pod_placement(spec: JobSpec) -> dict[str, Any]:

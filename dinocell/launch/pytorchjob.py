@@ -4,6 +4,8 @@ Layout: one Master replica (node rank 0, whose address every node dials) plus no
 single node). The operator only wires up a container named `pytorch`, finds the rendezvous port by the port name
 `pytorchjob-port`, and injects MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK (+ PET_NNODES, PET_NPROC_PER_NODE,
 PET_NODE_RANK in recent releases) into it; see jobspec.torchrun_command for how the command uses them.
+A Kueue queue (JobSpec.queue_name) is the label kueue.x-k8s.io/queue-name on the PyTorchJob itself: Kueue's webhook
+suspends the job and resumes it once admitted. JobSpec.scheduler_name becomes every pod's schedulerName.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dinocell.launch.jobspec import (
     JobSpec,
     JobSpecError,
     check_derived_name_length,
+    job_labels,
     plain_env,
     pod_placement,
     resources_per_node,
@@ -62,6 +65,8 @@ def _pod_template(spec: JobSpec) -> dict[str, Any]:
         container["volumeMounts"] = mounts
 
     pod_spec: dict[str, Any] = {"containers": [container], **pod_placement(spec)}
+    if spec.scheduler_name:
+        pod_spec["schedulerName"] = spec.scheduler_name
     template: dict[str, Any] = {"spec": pod_spec}
     if spec.labels:
         template["metadata"] = {"labels": dict(spec.labels)}
@@ -100,8 +105,9 @@ def build_pytorchjob(spec: JobSpec) -> dict[str, Any]:
     metadata: dict[str, Any] = {"name": spec.name}
     if spec.namespace:
         metadata["namespace"] = spec.namespace
-    if spec.labels:
-        metadata["labels"] = dict(spec.labels)
+    labels = job_labels(spec)
+    if labels:
+        metadata["labels"] = labels
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,

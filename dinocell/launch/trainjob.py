@@ -5,7 +5,9 @@ numProcPerNode, resourcesPerNode, env. The trainer injects PET_NNODES, PET_NPROC
 PET_MASTER_ADDR and PET_MASTER_PORT, which a bare torchrun reads. Placement (node selector, tolerations, service
 account) and the /dev/shm volume go through `podTemplateOverrides` targeting the runtime's `node` job. The schema
 forbids env on the `node` container in overrides and has no envFrom, so credentials are read key by key from the
-Secret in `trainer.env` (secretKeyRef).
+Secret in `trainer.env` (secretKeyRef). A Kueue queue (JobSpec.queue_name) labels the TrainJob object only, never
+`spec.labels` (those reach the JobSet, which Kueue would queue a second time). Restart policy, backoff limit, pod
+cleanup and scheduler name belong to the runtime's JobSet template; torchrun's --max-restarts goes in the command.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dinocell.launch.jobspec import (
     JobSpec,
     JobSpecError,
     check_derived_name_length,
+    job_labels,
     plain_env,
     pod_placement,
     resources_per_node,
@@ -65,6 +68,7 @@ def build_trainjob(spec: JobSpec) -> dict[str, Any]:
         "clean_pod_policy": (spec.clean_pod_policy, "None"),
         "backoff_limit": (spec.backoff_limit, 0),
         "ttl_seconds_after_finished": (spec.ttl_seconds_after_finished, None),
+        "scheduler_name": (spec.scheduler_name, None),  # podTemplateOverrides has no schedulerName
     }
     set_fields = {k: v for k, (v, default) in pytorchjob_only.items() if v != default}
     if set_fields:
@@ -107,6 +111,7 @@ def build_trainjob(spec: JobSpec) -> dict[str, Any]:
     metadata: dict[str, Any] = {"name": spec.name}
     if spec.namespace:
         metadata["namespace"] = spec.namespace
-    if spec.labels:
-        metadata["labels"] = dict(spec.labels)
+    labels = job_labels(spec)
+    if labels:
+        metadata["labels"] = labels
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": metadata, "spec": job_spec}

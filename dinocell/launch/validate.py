@@ -6,7 +6,7 @@ Three layers, all reported with the JSON path of the offending field:
    --validate=strict` (the API server would otherwise drop it silently, e.g. a misspelt `nprocsPerNode`);
    together with the Kubernetes list rules jsonschema does not know (x-kubernetes-list-type map: unique keys);
 3. the rules the API server / operators enforce beyond the schema (object names, PyTorchJob replica layout,
-   TrainJob's CEL rules on metadata.name).
+   TrainJob's CEL rules on metadata.name, the Kueue queue label on the job object only).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ SCHEMA_FILES = {
 }
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 _INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 
 
@@ -189,6 +190,8 @@ def _pytorchjob_errors(obj: Mapping[str, Any]) -> list[tuple[str, str]]:
                     f"{rspec.get('restartPolicy')!r} not in Always/OnFailure/Never/ExitCode",
                 )
             )
+        template_labels = ((rspec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+        out += _queue_label_errors(template_labels, [*base, "template", "metadata", "labels"])
         containers = (((rspec.get("template") or {}).get("spec") or {}).get("containers")) or []
         named = [i for i, c in enumerate(containers) if isinstance(c, dict) and c.get("name") == "pytorch"]
         cpath = [*base, "template", "spec", "containers"]
@@ -210,9 +213,22 @@ def _pytorchjob_errors(obj: Mapping[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _queue_label_errors(labels: Any, path: list) -> list[tuple[str, str]]:
+    """Kueue queues whatever carries its queue label: on pods (or a TrainJob's JobSet) it would queue them again,
+    apart from the job, and hold them after the job was admitted."""
+    if isinstance(labels, dict) and KUEUE_QUEUE_LABEL in labels:
+        return [(json_path([*path, KUEUE_QUEUE_LABEL]), "the Kueue queue label belongs on the job's metadata only")]
+    return []
+
+
 def _trainjob_errors(obj: Mapping[str, Any]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     spec = obj.get("spec") or {}
+    out += _queue_label_errors(spec.get("labels"), ["spec", "labels"])
+    for i, override in enumerate(spec.get("podTemplateOverrides") or []):
+        if isinstance(override, dict):
+            labels = (override.get("metadata") or {}).get("labels")
+            out += _queue_label_errors(labels, ["spec", "podTemplateOverrides", i, "metadata", "labels"])
     managed = spec.get("managedBy")
     if managed is not None and managed not in ("trainer.kubeflow.org/trainjob-controller", "kueue.x-k8s.io/multikueue"):
         out.append(

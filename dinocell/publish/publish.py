@@ -39,7 +39,7 @@ from dinocell.model.published import (
 )
 from dinocell.publish.modelcard import render_model_card
 
-__all__ = ["CARD_NAME", "METRICS_NAME", "PublishError", "PublishResult", "build_release", "publish", "publish_cli"]
+__all__ = ["CARD_NAME", "METRICS_NAME", "PublishError", "PublishResult", "build_release", "publish_checkpoint"]
 
 log = get_logger(__name__)
 
@@ -221,7 +221,7 @@ def _diff(old: dict, new: dict) -> list[str]:
     return out
 
 
-def publish(
+def publish_checkpoint(
     checkpoint_uri,
     dest_prefix: str,
     name: str,
@@ -277,10 +277,3 @@ def publish(
     log.info("published %s", version_uri)
     return result
 
-
-def publish_cli(cfg, args) -> int:
-    """`dinocell publish --checkpoint URI --dest PREFIX --name N --version V [--metrics URI]`."""
-    result = publish(args.checkpoint, args.dest, args.name, args.version, metrics_uri=getattr(args, "metrics", None),
-                     fallback_cfg=cfg)
-    print(result.summary())
-    return 0

@@ -290,8 +290,13 @@ def read_text(uri: str | os.PathLike, encoding: str = "utf-8") -> str:
     return read_bytes(uri).decode(encoding)
 
 
-def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
-    """Write atomically: S3 PUT is all-or-nothing; local files go through a temp file + rename."""
+def write_bytes(uri: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
+    """Write atomically: S3 PUT is all-or-nothing; local files go through a temp file + rename.
+
+    fsync=False skips flushing a local file to disk before the rename (S3: no effect). The write is still atomic
+    (readers see the old or the new file, never part of one) but may not survive a power cut; use it for bulk
+    writes that can simply be redone, where one fsync per file would make the run I/O-bound.
+    """
     uri = str(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
@@ -307,8 +312,9 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions a plain open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

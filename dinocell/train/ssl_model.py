@@ -1,7 +1,8 @@
 """Student/teacher SSL model (DINOv3 recipe) and its forward-backward for one batch.
 
 student = backbone (drop path, RoPE rescale in training) + DINO head + iBOT head; teacher = EMA copies with no
-gradient, an eval-mode backbone (no drop path, no RoPE rescale). One step on a batch of multi-view crops:
+gradient, an eval-mode backbone (no drop path, no RoPE rescale): dinocell.train.ema. One step on a batch of
+multi-view crops:
 
 1. teacher (no grad) on the global crops: CLS -> DINO head -> Sinkhorn-Knopp(teacher_temp) = DINO targets
    [n_global, B, K]; patch tokens at the masked positions -> iBOT head -> Sinkhorn-Knopp = iBOT targets [M, K];
@@ -21,7 +22,6 @@ Sinkhorn-Knopp over the rows of every rank (dinocell.loss.sinkhorn_knopp all-red
 
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass
 
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from dinocell.log import get_logger
 from dinocell.loss import DINOLoss, KoLeoLoss, MaskBatch, combine_dino_terms, iBOTPatchLoss, sinkhorn_knopp
 from dinocell.model import DINOHead, build_vit, load_dinov3_checkpoint
+from dinocell.train import ema
 
 log = get_logger(__name__)
 
@@ -67,8 +68,9 @@ def mask_batch_to(masks: MaskBatch, device: torch.device) -> MaskBatch:
     )
 
 
-class BackboneCall(nn.Module):
-    """forward(xs, masks_list) = [(normed CLS [B, D], normed patch tokens [B, HW, D]) per crop batch].
+class MultiCropBackbone(nn.Module):
+    """A backbone called on several crop batches at once (`forward_features_list`): forward(xs, masks_list) =
+    [(normed CLS [B, D], normed patch tokens [B, HW, D]) per crop batch].
 
     A module whose `forward` is the multi-crop call, so DistributedDataParallel and torch.compile (which hook
     `forward`) see the real step; parameters are the backbone's own (keys `backbone.*` inside this wrapper only).
@@ -111,12 +113,7 @@ class SSLMetaArch(nn.Module):
         if model_cfg.ibot_separate_head:
             student["ibot_head"] = build_head(model_cfg, dim)
         self.student = nn.ModuleDict(student)
-        teacher = {"backbone": teacher_backbone}
-        teacher.update({k: copy.deepcopy(v) for k, v in student.items() if k != "backbone"})
-        self.teacher = nn.ModuleDict(teacher)
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        self.teacher = ema.build_teacher(self.student, teacher_backbone)
 
         k = model_cfg.n_prototypes
         self.dino_loss = DINOLoss(k, student_temp=loss_cfg.student_temp)
@@ -125,8 +122,8 @@ class SSLMetaArch(nn.Module):
 
         # What the step calls; replaced by DDP / compiled wrappers (plain dict: not registered as submodules).
         self.calls: dict[str, nn.Module] = {
-            "student_backbone": BackboneCall(self.student.backbone),
-            "teacher_backbone": BackboneCall(self.teacher.backbone),
+            "student_backbone": MultiCropBackbone(self.student.backbone),
+            "teacher_backbone": MultiCropBackbone(self.teacher.backbone),
             "dino_head": self.student.dino_head,
         }
         if model_cfg.ibot_separate_head:
@@ -153,10 +150,9 @@ class SSLMetaArch(nn.Module):
         self.teacher.eval()  # the teacher is always deterministic: no drop path, no RoPE rescale
         return self
 
-    @torch.no_grad()
     def reset_teacher(self) -> None:
         """teacher <- student (after loading pretrained weights or after DDP broadcast rank 0's student)."""
-        self.teacher.load_state_dict(self.student.state_dict())
+        ema.reset_teacher(self.teacher, self.student)
 
     def load_pretrained(self, path_or_uri: str):
         """DINOv3 backbone weights into the student backbone (patch / channel adapted), then teacher <- student."""
@@ -281,10 +277,6 @@ class SSLMetaArch(nn.Module):
                 norms.append(torch.nn.utils.get_total_norm([p.grad for p in params]).float())
         return torch.stack(norms)
 
-    @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher = momentum * teacher + (1 - momentum) * student, over all parameters at once."""
-        teacher = list(self.teacher.parameters())
-        student = list(self.student.parameters())
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+        """The EMA step: teacher = momentum * teacher + (1 - momentum) * student (dinocell.train.ema)."""
+        ema.update_teacher(self.teacher, self.student, momentum)

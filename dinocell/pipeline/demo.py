@@ -1,10 +1,13 @@
-"""`make demo`: the whole pipeline on a small synthetic JUMP-layout bucket served by a local S3 server.
+"""`make demo` (= `python pipeline.py demo`): the whole pipeline on a small synthetic bucket served by a local S3 server.
 
 Starts a real S3 endpoint on 127.0.0.1, writes a synthetic cpg0000-shaped source into a public-read bucket, then runs
 the Kubeflow pipeline locally (`kfp.local`, one subprocess per step: the same components a cluster runs) with the
 tiny training config, and prints the evaluation table, where the model was published and the path of the HTML
 report (copied to `<workdir>/eval/report.html`). With `--steps` it calls the step functions directly instead of
-going through KFP (same steps, same object-storage layout; quicker to debug).
+going through KFP (same step entries, same object-storage layout; quicker to debug).
+
+pipeline.py passes its pipeline function in (`main(argv, pipeline_func)`), so this module never imports the
+repository's pipeline.py or components/.
 
 Default sizes are chosen to finish in a few minutes on two CPU cores: 1 batch x 3 plates x 4 wells x 2 sites of
 192 px fields, 80 training iterations (2 tiny-config epochs of 40): enough for the held-out evaluation to move
@@ -18,9 +21,13 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from dinocell.config.step_args import configure_storage
 from dinocell.log import get_logger, setup_logging
+from dinocell.pipeline.in_process import run_all_steps
+from dinocell.pipeline.local import run_local
 from dinocell.storage.local_server import create_bucket, local_s3_server
 
 log = get_logger("demo")
@@ -45,7 +52,7 @@ def synth_demo_bucket(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m dinocell.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python pipeline.py demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="demo", help="local directory for the run (KFP outputs, report copy)")
     ap.add_argument("--batches", type=int, default=1)
@@ -64,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, pipeline_func: Callable | None = None) -> int:
+    """Run the demo; `pipeline_func` (pipeline.py's pipeline) is needed unless --steps."""
     args = build_parser().parse_args(argv)
+    if not args.steps and pipeline_func is None:
+        raise SystemExit("demo: the KFP path needs the pipeline: run `python pipeline.py demo` (or pass --steps)")
     setup_logging()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the local S3 server's per-request lines
     workdir = Path(args.workdir).resolve()
@@ -75,10 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     with local_s3_server() as server:
-        from dinocell import steps
-
         os.environ["AWS_ENDPOINT_URL"] = server.endpoint_url  # for the KFP step subprocesses
-        steps.configure_storage(server.endpoint_url)
+        configure_storage(server.endpoint_url)
         create_bucket(server.endpoint_url, BUCKET, public_read=True)
         create_bucket(server.endpoint_url, OUTPUT_BUCKET)
         print(f"local S3 server: {server.endpoint_url}")
@@ -87,16 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                   "overrides": overrides, "endpoint_url": server.endpoint_url, "run_name": run_name,
                   "model_name": args.model_name, "model_version": args.model_version, "models_prefix": MODELS}
         if args.steps:
-            outcome = steps.run_all_steps(**common)
+            outcome = run_all_steps(**common)
         else:
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where pipeline.py lives
-            try:
-                import pipeline as pipeline_module
-            except ImportError as e:
-                raise SystemExit(f"demo: cannot import pipeline.py ({e}); run from a checkout of the repository "
-                                 "(it holds pipeline.py and components/), or use --steps") from None
-
-            outcome = pipeline_module.run_local(**common)
+            outcome = run_local(pipeline_func, **common)
     print()
     print(outcome.format())
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")

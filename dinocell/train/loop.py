@@ -1,21 +1,20 @@
-"""The SSL training loop: `pretrain(cfg)`.
+"""The SSL training loop of one rank: `Trainer` (set up, resume, iterate, log, checkpoint).
 
-One iteration on each rank: next batch of uint8 fields (DataLoader over shards or raw fields) -> device ->
-multi-view crops (augmentation on the device, seeded generator) + iBOT masks -> scheduled lr / wd / momentum /
-teacher temperature -> forward-backward -> per-part gradient clipping -> finite check (all ranks agree) ->
-AdamW step -> EMA teacher update. An epoch is `optim.iters_per_epoch` iterations (DINOv3's convention); the data
-streams are endless and keep their own epochs.
+One iteration on each rank: next batch of uint8 fields with its iBOT masks (both made in the DataLoader workers:
+dinocell.train.batches) -> device -> multi-view crops (augmentation on the device, seeded generator) -> scheduled
+lr / wd / momentum / teacher temperature -> forward-backward (dinocell.train.ssl_model) -> per-part gradient clipping -> finite check (all ranks agree) -> AdamW
+step -> EMA teacher update (dinocell.train.ema). An epoch is `optim.iters_per_epoch` iterations (DINOv3's
+convention); the data streams are endless and keep their own epochs.
 
-Distributed: started by torchrun (env:// rendezvous; nccl on GPU, gloo on CPU; device cuda:LOCAL_RANK). Every
-rank reads a disjoint part of the data (ShardStream / RawFieldStream partition by rank); only rank 0 logs and
-writes checkpoints, but a checkpoint holds the RNG and data positions of every rank (gathered to rank 0).
+Distributed (dinocell.train.distributed): every rank reads a disjoint part of the data; only rank 0 logs and writes
+checkpoints, but a checkpoint holds the RNG and data positions of every rank (gathered to rank 0).
 
-Resume: a run restarted with the same output_dir / run_name resumes from its `latest` checkpoint automatically and
-continues exactly: model, teacher, optimizer, iteration (the schedules are closed-form in it), every rank's RNG
-states (global torch / CUDA / numpy / python, the augmentation and mask generators) and data position
-(ShardStream.state_dict; raw mode restarts its current data epoch, which is the only inexact case). Batches are
-consumed in a fixed worker order (iteration i takes worker i % num_workers's next batch), so a multi-worker shard
-loader also resumes bit-exactly.
+Resume: a run restarted with the same output_dir / run_name resumes from its `latest` checkpoint (the checkpoint
+manager of dinocell.train.checkpoint) automatically and continues exactly: model, teacher, optimizer, iteration (the
+schedules are closed-form in it), every rank's RNG states (global torch / CUDA / numpy / python, the augmentation
+generator: dinocell.train.seeds; the iBOT masks are a function of the iteration) and data position
+(ShardStream.state_dict; raw mode restarts its current data epoch, which is the only inexact case). Batches are consumed in a fixed worker order (iteration i takes worker
+i % num_workers's next batch), so a multi-worker shard loader also resumes bit-exactly.
 
 Non-finite loss or gradient: nan_policy "stop" raises NonFiniteLossError naming the iteration, the loss terms and
 the last good checkpoint (never overwritten by a bad state); "skip" drops that update (no step, no EMA), counts it,
@@ -24,29 +23,30 @@ and stops once more than max_skips updates were dropped.
 
 from __future__ import annotations
 
-import collections
-import datetime
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dinocell import storage
-from dinocell.channels import FLUORESCENT_CHANNELS
 from dinocell.config.training import validate_training_config
 from dinocell.data.multiview import MultiViewAugment
 from dinocell.log import get_logger, setup_logging
-from dinocell.loss import collate_masks
+from dinocell.train.batches import TrainingBatches
+from dinocell.train.distributed import all_gather_objects, setup_distributed
 from dinocell.train.optim import apply_schedules, build_optimizer
 from dinocell.train.schedules import TrainingSchedules
+from dinocell.train.seeds import seed_rank_streams
 from dinocell.train.ssl_model import LOSS_KEYS, SSLInputs, SSLMetaArch, mask_batch_to
+from dinocell.train.visualize import Visualizer
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "NonFiniteLossError", "PretrainResult", "Trainer"]
 
 log = get_logger(__name__)
 
@@ -70,281 +70,6 @@ class PretrainResult:
     resumed_from: str | None = None
 
 
-# ----------------------------------------------------------------------------------------------- distributed
-@dataclass
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    initialized_here: bool
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def _resolve_device(spec: str, local_rank: int) -> torch.device:
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec.startswith("cuda") or spec == "auto":
-        if not torch.cuda.is_available():
-            if spec == "auto":
-                return torch.device("cpu")
-            raise RuntimeError(f"train.device={spec!r} but CUDA is not available")
-        if spec.startswith("cuda:"):
-            return torch.device(spec)
-        return torch.device("cuda", local_rank)
-    raise ValueError(f"train.device: unknown device {spec!r}")
-
-
-def setup_distributed(train_cfg) -> DistEnv:
-    """Join the torchrun process group when WORLD_SIZE > 1 (or reuse an initialised one)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    device = _resolve_device(train_cfg.device, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    initialized_here = False
-    if dist.is_available() and dist.is_initialized():
-        world, rank = dist.get_world_size(), dist.get_rank()
-    elif world > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            init_method="env://",
-            world_size=world,
-            rank=rank,
-            timeout=datetime.timedelta(minutes=train_cfg.dist_timeout_min),
-            **({"device_id": device} if device.type == "cuda" else {}),
-        )
-        initialized_here = True
-    return DistEnv(rank, world, local_rank, device, initialized_here)
-
-
-def _all_gather_objects(env: DistEnv, obj) -> list:
-    if not env.distributed:
-        return [obj]
-    out = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- data
-class WorkerOrderedBatches:
-    """Batches of a multi-worker shard DataLoader in a fixed order: iteration i gets worker (i % W)'s next batch.
-
-    The DataLoader itself restarts at worker 0 when re-created after a resume, while the interrupted run would have
-    continued with worker (iteration % W): without this reordering a resumed run would see the same batches in a
-    rotated order. Batches that arrive early wait here (at most W - 1 of them); they are not `observe`d until used,
-    so a checkpoint never counts them as consumed.
-    """
-
-    def __init__(self, batches: Iterator[dict], num_workers: int, start_iteration: int):
-        self.batches = batches
-        self.num_workers = max(1, num_workers)
-        self.iteration = start_iteration
-        self.waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        want = self.iteration % self.num_workers
-        while not self.waiting[want]:
-            batch = next(self.batches)
-            workers = {int(p["worker"]) for p in batch["stream_pos"]}
-            if len(workers) != 1:
-                raise RuntimeError(f"a batch mixes samples of DataLoader workers {sorted(workers)}")
-            self.waiting[workers.pop()].append(batch)
-        self.iteration += 1
-        return self.waiting[want].popleft()
-
-
-def _data_note(values: dict) -> str:
-    """The data counters worth a glance in the log line: skipped inputs always, the raw-mode cache hit rate."""
-    parts = []
-    if "data/hit_rate" in values:
-        parts.append(f"cache hit rate {values['data/hit_rate']:.2f}")
-    skipped = values.get("data/skipped", 0) + values.get("data/shards_failed", 0)
-    if skipped:
-        parts.append(f"{int(skipped)} inputs skipped (see warnings)")
-    return ("  " + ", ".join(parts)) if parts else ""
-
-
-class DataSource:
-    """The rank's field stream and DataLoader (shards or raw mode), its resume state and its epoch length."""
-
-    def __init__(self, cfg, env: DistEnv):
-        from torch.utils.data import DataLoader
-
-        self.cfg, self.env = cfg, env
-        self.mode = cfg.loader.mode
-        self.batch_size = cfg.loader.batch_size
-        self.num_workers = cfg.loader.num_workers
-        self.fields_consumed = 0  # raw mode: by this rank since the start of the run
-        if self.mode == "shards":
-            from dinocell.data.shard_reader import ShardStream
-
-            self.stream = ShardStream(cfg.loader.shards, cfg.loader, rank=env.rank, world_size=env.world_size,
-                                      seed=cfg.train.seed, infinite=True)
-            collate = ShardStream.collate
-            self.channels = tuple(self.stream.channels)
-        else:
-            from dinocell.data.fields import collate_fields
-            from dinocell.data.raw_stream import RawFieldStream
-            from dinocell.jump.manifest import Manifest
-
-            manifest = Manifest.read(cfg.data.manifest)
-            self.stream = RawFieldStream(manifest, cfg.loader, cfg.preprocess, cfg.data.channels, split="train",
-                                         rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
-                                         iter_epochs=True)
-            collate = collate_fields
-            self.channels = tuple(cfg.data.channels)
-        loader_gen = torch.Generator().manual_seed(_stream_seed(cfg.train.seed, env.rank, 3))
-        self.loader = DataLoader(
-            self.stream,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            pin_memory=env.device.type == "cuda",
-            drop_last=True,
-            persistent_workers=self.num_workers > 0,
-            prefetch_factor=2 if self.num_workers > 0 else None,
-            generator=loader_gen,  # the DataLoader's base seed must not consume the global RNG (exact resume)
-        )
-
-    def stats_scalars(self) -> dict[str, float]:
-        """This rank's data counters for the log (raw mode: cache hits/misses/hit rate, skipped fields; shards:
-        shards/fields read, corrupt shards skipped): counted in shared memory across DataLoader workers, so exact."""
-        return {f"data/{k}": float(v) for k, v in self.stream.stats().items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-    def fields_per_epoch(self) -> int:
-        """Fields of one pass over this rank's share of the training data."""
-        if self.mode == "shards":
-            return self.stream.fields_per_epoch(0, num_workers=max(1, self.num_workers))
-        return max(1, len(self.stream.manifest) // self.env.world_size)
-
-    def iters_per_epoch(self) -> int:
-        n = self.fields_per_epoch() // self.batch_size
-        if n < 1:
-            raise ValueError(
-                f"optim.iters_per_epoch=0 means one pass over the data, but this rank's share holds "
-                f"{self.fields_per_epoch()} fields, fewer than one batch of loader.batch_size={self.batch_size}"
-            )
-        return n
-
-    def batches(self, start_iteration: int) -> Iterator[dict]:
-        it = iter(self.loader)
-        if self.mode == "shards" and self.num_workers > 1:
-            return WorkerOrderedBatches(it, self.num_workers, start_iteration)
-        return it
-
-    def consumed(self, batch: dict) -> None:
-        if self.mode == "shards":
-            self.stream.observe(batch)
-        else:
-            self.fields_consumed += len(batch["field_ids"])
-
-    def state_dict(self) -> dict:
-        if self.mode == "shards":
-            return {"mode": "shards", "stream": self.stream.state_dict()}
-        share = self.fields_per_epoch()
-        return {"mode": "raw", "epoch": self.stream.epoch + self.fields_consumed // share,
-                "fields_consumed": self.fields_consumed}
-
-    def load_state_dict(self, state: dict, exact: bool = True) -> None:
-        if state.get("mode") != self.mode:
-            log.warning("checkpoint data state is for loader.mode=%s, this run uses %s: data restarts from its start",
-                        state.get("mode"), self.mode)
-            return
-        if self.mode == "shards":
-            self.stream.load_state_dict(state["stream"], strict=exact)
-        else:
-            epoch = int(state["epoch"])
-            self.stream.set_epoch(epoch)
-            log.warning("raw data mode resumes at the start of data epoch %d (fields of that epoch may repeat)", epoch)
-
-
-def _stream_seed(seed: int, rank: int, stream: int) -> int:
-    """A distinct, reproducible seed per (run seed, rank, stream)."""
-    return (seed * 1_000_003 + rank * 7919 + stream * 104_729) % (2**63 - 1)
-
-
-# ----------------------------------------------------------------------------------------------- visualisation
-class Visualizer:
-    """Images on a fixed validation batch: last-block CLS attention, PCA-RGB patch features, channel consistency."""
-
-    def __init__(self, cfg, fields_u8: torch.Tensor, channels: tuple[str, ...], device: torch.device):
-        self.cfg = cfg
-        self.fields_u8 = fields_u8.cpu()
-        self.channels = tuple(channels)
-        self.device = device
-
-    @classmethod
-    def from_config(cls, cfg, first_batch: dict, device: torch.device) -> Visualizer:
-        """Fields of the manifest's val split when there is a manifest with one, else the first training batch."""
-        n = cfg.train.vis_fields
-        if cfg.data.manifest:
-            try:
-                from dinocell.data.fields import FieldLoader
-                from dinocell.jump.manifest import Manifest
-
-                val = Manifest.read(cfg.data.manifest).split("val")
-                if len(val):
-                    channels = list(first_batch["channels"])
-                    loader = FieldLoader(cfg.preprocess, channels, cfg.loader.fetch_workers)
-                    fields, errors = loader.load_many(list(val.take(list(range(min(n, len(val))))).records()))
-                    if errors:
-                        log.warning("visualisation: %d val field(s) failed to load: %s", len(errors), errors[:3])
-                    if len(fields) >= 2 and fields[0].image.shape == tuple(first_batch["images"].shape[1:]):
-                        images = torch.stack([torch.from_numpy(f.image.copy()) for f in fields])
-                        log.info("visualisation batch: %d val fields of %s", len(fields), cfg.data.manifest)
-                        return cls(cfg, images, tuple(channels), device)
-            except Exception as e:  # noqa: BLE001 - the images are diagnostics: never let them stop training
-                log.warning("visualisation: cannot use the manifest's val split (%s: %s); using the first batch",
-                            type(e).__name__, e)
-        log.info("visualisation batch: the first %d fields of the first training batch", min(n, len(first_batch["images"])))
-        return cls(cfg, first_batch["images"][:n].clone(), tuple(first_batch["channels"]), device)
-
-    def mean_view(self) -> torch.Tensor:
-        """The fluorescent mean of each field at the global crop size, normalised like the training crops."""
-        aug = self.cfg.augment
-        idx = [self.channels.index(c) for c in FLUORESCENT_CHANNELS]
-        x = self.fields_u8[:, idx].float().mean(dim=1, keepdim=True)
-        x = F.interpolate(x, size=(aug.global_size, aug.global_size), mode="bilinear", antialias=True,
-                          align_corners=False)
-        return ((x / 255.0 - aug.norm_mean) / aug.norm_std).to(self.device)
-
-    @torch.no_grad()
-    def images(self, backbone) -> tuple[dict, dict]:
-        """({name: rgb uint8}, {scalar name: value}) for the teacher backbone (eval mode)."""
-        from dinocell.monitor.consistency import embed_views, same_field_matrix, summary
-        from dinocell.monitor.figures import attention_maps_image, matrix_image, pca_rgb_image
-
-        x = self.mean_view()
-        patch = backbone.patch_size
-        grid = (x.shape[-2] // patch, x.shape[-1] // patch)
-        display = x.cpu()
-        out = {
-            "vis/attention": attention_maps_image(backbone.get_last_self_attention(x).float().cpu(), grid, display),
-            "vis/pca": pca_rgb_image(backbone.forward_features(x)["x_norm_patchtokens"].float().cpu(), grid, display),
-        }
-        scalars = {}
-        aug = self.cfg.augment
-        embs = embed_views(backbone, self.fields_u8, list(self.channels), size=aug.global_size, mean=aug.norm_mean,
-                           std=aug.norm_std, device=self.device, batch_size=len(self.fields_u8))
-        matrix, labels = same_field_matrix(embs, key="cls")
-        out["vis/channel_consistency"] = matrix_image(matrix, labels, "same-field CLS cosine similarity")
-        numbers = summary(embs, key="cls")
-        for key in ("same_field", "different_field", "gap", "top1", "mrr"):
-            scalars[f"consistency/{key}"] = numbers[key]
-        return out, scalars
-
-
-# ----------------------------------------------------------------------------------------------- the run
 def _run_paths(train_cfg) -> tuple[str, str, bool]:
     """(output URI of the run, local log directory, whether logs must be synced to the output)."""
     output_uri = storage.join(train_cfg.output_dir, train_cfg.name)
@@ -358,6 +83,17 @@ def _progress_enabled(train_cfg, rank: int) -> bool:
     if rank != 0 or train_cfg.progress is False:
         return False
     return train_cfg.progress is True or sys.stderr.isatty()
+
+
+def _data_note(values: dict) -> str:
+    """The data counters worth a glance in the log line: skipped inputs always, the raw-mode cache hit rate."""
+    parts = []
+    if "data/hit_rate" in values:
+        parts.append(f"cache hit rate {values['data/hit_rate']:.2f}")
+    skipped = values.get("data/skipped", 0) + values.get("data/shards_failed", 0)
+    if skipped:
+        parts.append(f"{int(skipped)} inputs skipped (see warnings)")
+    return ("  " + ", ".join(parts)) if parts else ""
 
 
 @dataclass
@@ -376,6 +112,9 @@ class _Window:
 
 
 class Trainer:
+    """One rank's pretraining run: built from the config (model, optimizer, data, schedules, logger), resumed from
+    the run's latest checkpoint when there is one; `run()` iterates to the end and writes the final checkpoint."""
+
     def __init__(self, cfg, on_iteration: Callable[[int, dict], None] | None = None):
         setup_logging()
         validate_training_config(cfg)
@@ -402,24 +141,15 @@ class Trainer:
         self.meta.train()
         self.optimizer = build_optimizer(self.meta.student_named_parameters(), self.meta.depth, cfg.optim, env.device)
 
-        self.data = DataSource(cfg, env)
+        self.data = TrainingBatches(cfg, env)
         ipe = cfg.optim.iters_per_epoch or self.data.iters_per_epoch()
         self.iters_per_epoch = ipe
         self.schedules = TrainingSchedules.from_config(cfg.optim, cfg.loss, ipe)
         self.end_iteration = cfg.train.max_iters or self.schedules.total_iters
         self.augment = MultiViewAugment(cfg.augment)
-        self.grid = (cfg.augment.global_size // cfg.model.patch_size,) * 2
 
-        # per-rank random streams: global RNGs (drop path, RoPE rescale), augmentation, masks
-        torch.manual_seed(_stream_seed(cfg.train.seed, env.rank, 0))
-        import random
-
-        import numpy as np
-
-        np.random.seed(_stream_seed(cfg.train.seed, env.rank, 0) % 2**32)
-        random.seed(_stream_seed(cfg.train.seed, env.rank, 0))
-        self.aug_gen = torch.Generator(device=env.device).manual_seed(_stream_seed(cfg.train.seed, env.rank, 1))
-        self.mask_gen = torch.Generator().manual_seed(_stream_seed(cfg.train.seed, env.rank, 2))
+        # per-rank random streams: global RNGs (drop path, RoPE rescale), augmentation (masks: with the batches)
+        self.aug_gen = seed_rank_streams(cfg.train.seed, env.rank, env.device)
 
         from dinocell.monitor.run_log import RunLogger
         from dinocell.train.checkpoint import CheckpointManager
@@ -447,13 +177,12 @@ class Trainer:
             "rank": self.env.rank,
             "rng": capture_rng_state(),
             "augment_generator": self.aug_gen.get_state(),
-            "mask_generator": self.mask_gen.get_state(),
             "data": self.data.state_dict(),
         }
 
     def save_checkpoint(self) -> str:
         """Write the full training state at the current iteration (every rank must call it)."""
-        ranks = _all_gather_objects(self.env, self._rank_state())
+        ranks = all_gather_objects(self.env, self._rank_state())
         uri = self.ckpt.uri_for(self.iteration)
         if self.env.rank == 0:
             state = {
@@ -507,7 +236,6 @@ class Trainer:
 
             restore_rng_state(mine["rng"])
             self.aug_gen.set_state(mine["augment_generator"])
-            self.mask_gen.set_state(mine["mask_generator"])
         self.last_checkpoint = uri
         self.last_saved_iteration = self.iteration
         log.info("resumed from %s at iteration %d", uri, self.iteration)
@@ -525,9 +253,7 @@ class Trainer:
     def _inputs(self, batch: dict) -> SSLInputs:
         images = batch["images"].to(self.env.device, non_blocking=True)
         views = self.augment(images, list(batch["channels"]), generator=self.aug_gen)
-        lc = self.cfg.loss
-        masks = collate_masks(views.global_crops.shape[0], self.grid, tuple(lc.mask_ratio_min_max),
-                              lc.mask_probability, generator=self.mask_gen)
+        masks = self.data.masks(batch, self.iteration)  # built with the batch, in the DataLoader worker
         self._last_views = views
         return SSLInputs(views.global_crops, views.local_crops, mask_batch_to(masks, self.env.device),
                          n_global_crops=views.n_global_crops)
@@ -677,7 +403,7 @@ class Trainer:
                 if self.on_iteration is not None:
                     self.on_iteration(self.iteration, {"rank": env.rank, "world_size": env.world_size,
                                                        "field_ids": list(batch["field_ids"]), "applied": applied,
-                                                       "losses": stacked, "trainer": self})
+                                                       "losses": stacked, "masks": batch["masks"], "trainer": self})
             if self.last_saved_iteration != self.iteration or self.last_checkpoint is None:
                 self.save_checkpoint()
         finally:
@@ -699,20 +425,3 @@ class Trainer:
         self.logger.close()
         if self.env.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def pretrain(cfg, on_iteration: Callable[[int, dict], None] | None = None) -> PretrainResult:
-    """Run (or resume) SSL pretraining as configured; returns where the final checkpoint and logs are.
-
-    `on_iteration(iteration, info)` is called on every rank at the end of each iteration, after its logging and
-    checkpoint (info: rank, world_size, field_ids, applied, losses, trainer): a hook for monitoring and tests; an
-    exception it raises ends the run like a crash (no final checkpoint).
-    """
-    trainer = Trainer(cfg, on_iteration=on_iteration)
-    try:
-        return trainer.run()
-    finally:
-        trainer.close()
-
-
-__all__ = ["DataSource", "NonFiniteLossError", "PretrainResult", "Trainer", "WorkerOrderedBatches", "pretrain"]

@@ -1,0 +1,60 @@
+"""What a finished pipeline run left in object storage, gathered for the person who ran it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dinocell import storage
+from dinocell.config.step_args import StepError
+from dinocell.eval.step import read_eval_outputs
+from dinocell.pipeline.layout import RunLayout
+
+__all__ = ["PipelineOutcome", "collect_outcome"]
+
+
+@dataclass
+class PipelineOutcome:
+    """What a whole run produced, gathered from object storage (the same whether KFP ran it or not)."""
+
+    layout: RunLayout
+    model_uri: str
+    scalars: dict[str, float]
+    summary_md: str
+    report_uri: str
+    local_report: Path | None = None
+
+    def format(self) -> str:
+        lines = [self.summary_md.rstrip(), "", f"published model: {self.model_uri}",
+                 f"run outputs:     {self.layout.root}"]
+        if self.local_report is not None:
+            lines.append(f"HTML report:     {self.local_report}")
+        return "\n".join(lines)
+
+
+def _copy_prefix(prefix: str, dest: Path) -> int:
+    """Copy every object under `prefix` into `dest`, keeping relative paths; returns the count."""
+    base = prefix.rstrip("/") + "/"
+    n = 0
+    for obj in storage.list_objects(base):
+        rel = obj.uri[len(base):] if obj.uri.startswith(base) else Path(obj.uri).name
+        storage.download_file(obj.uri, Path(storage.safe_join(str(dest), rel)))
+        n += 1
+    return n
+
+
+def collect_outcome(layout: RunLayout, model_name: str, model_version: str, workdir: str | os.PathLike | None = None
+                    ) -> PipelineOutcome:
+    """Read a finished run's evaluation and published model; copy the evaluation folder (report.html and its
+    images) into `<workdir>/eval/` so the report opens locally."""
+    ev = read_eval_outputs(layout.eval)
+    local_report = None
+    if workdir is not None:
+        dest = Path(workdir) / "eval"
+        n = _copy_prefix(layout.eval, dest)
+        local_report = (dest / "report.html").resolve()
+        if not local_report.is_file():
+            raise StepError(f"copied {n} file(s) from {layout.eval} but no report.html among them")
+    model_uri = storage.join(layout.models, model_name, model_version)
+    return PipelineOutcome(layout, model_uri, ev.scalars, ev.summary_md, ev.report_uri, local_report)
