@@ -7,7 +7,7 @@
   python bench/bench_train_step.py --with-ref               # also run ../shared/bench/ref_step_bench.py in this
                                                             # command (same sizes) and print our/ref ratios
 Options: --modes eager,compile,compile+ckpt  --batch B  --iters N  --warmup N  --with-augment [--masks-in-step]
-         --ref PATH  --json-out F
+         --ref PATH  --json-out F  --profile [--profile-steps N]
 
 The timed step is the trainer's: schedules -> zero_grad -> forward-backward (teacher Sinkhorn targets, student on
 all crops in one multi-crop pass, DINO + iBOT + KoLeo) -> per-part clipping -> finite check (one host sync, as the
@@ -21,6 +21,10 @@ a linear with M rows, K inputs, N outputs costs 2*M*N*K; a ViT block 24*n*T*D^2 
 2x forward except the image-facing patch embedding; the student runs forward + backward, the teacher forward only.
 MFU = achieved FLOP/s / a measured dense matmul peak (bf16 8192^3 on GPU, fp32 1024^3 on CPU: only indicative there).
 Prints one JSON line per mode, a summary table, and with --with-ref the anchor's lines and the ratios.
+--profile: after each mode's timed iterations, --profile-steps more steps run under torch.profiler (CPU activity, plus
+CUDA on a GPU; no shapes); the row gets "profile_top", the top 15 operators/kernels by self device time (CUDA) or self
+CPU time (CPU) as [{name, calls, self_time_ms, total_time_ms, pct}] (times summed over the profiled steps, pct of the
+total self time of all events), and a table per mode is printed after the summary.
 """
 
 from __future__ import annotations
@@ -173,6 +177,54 @@ def build_step(cfg: Config, device: torch.device, compile_: bool, checkpointing:
     return step, meta
 
 
+PROFILE_TOP = 15
+
+
+def profile_steps(step, data, device: torch.device, n_steps: int, offset: int = 0, top: int = PROFILE_TOP) -> dict:
+    """Run n_steps more steps under torch.profiler; the top operators/kernels by self device (CUDA) or CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    sync(device)
+    with profile(activities=activities, record_shapes=False) as prof:
+        for i in range(n_steps):
+            step(data[(offset + i) % len(data)])
+        sync(device)
+    events = prof.key_averages()
+
+    def self_us(e) -> float:
+        if on_cuda:
+            return float(e.self_device_time_total if hasattr(e, "self_device_time_total") else e.self_cuda_time_total)
+        return float(e.self_cpu_time_total)
+
+    def total_us(e) -> float:
+        if on_cuda:
+            return float(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+        return float(e.cpu_time_total)
+
+    all_self = sum(self_us(e) for e in events) or 1.0
+    ranked = sorted(events, key=self_us, reverse=True)[:top]
+    rows = [{"name": e.key, "calls": int(e.count), "self_time_ms": self_us(e) / 1e3, "total_time_ms": total_us(e) / 1e3,
+             "pct": 100.0 * self_us(e) / all_self} for e in ranked if self_us(e) > 0]
+    return {"profile_top": rows, "profile_steps": n_steps, "profile_sort": "self_device_time" if on_cuda else
+            "self_cpu_time", "profile_self_total_ms": all_self / 1e3}
+
+
+def print_profile(row: dict) -> None:
+    top = row.get("profile_top")
+    if top is None:
+        if "profile_error" in row:
+            print(f"\nprofile dinocell {row['mode']}: FAILED {row['profile_error'][:100]}")
+        return
+    print(f"\nprofile dinocell {row['mode']}: top {len(top)} by {row['profile_sort']} over {row['profile_steps']} "
+          f"steps (all events' self time {row['profile_self_total_ms']:.1f} ms)")
+    print(f"{'name':<60}{'calls':>7}{'self ms':>10}{'total ms':>10}{'%':>7}")
+    for r in top:
+        name = r["name"] if len(r["name"]) <= 58 else r["name"][:55] + "..."
+        print(f"{name:<60}{r['calls']:>7}{r['self_time_ms']:>10.2f}{r['total_time_ms']:>10.2f}{r['pct']:>7.1f}")
+
+
 def run_mode(args, cfg, batch, device, mode: str, peak: float) -> dict:
     compile_, ckpt = "compile" in mode, "ckpt" in mode
     if device.type == "cuda":
@@ -201,6 +253,12 @@ def run_mode(args, cfg, batch, device, mode: str, peak: float) -> dict:
     backbone = meta.student.backbone
     flops = step_flops(cfg, batch, n_masked, backbone.embed_dim, backbone.n_blocks)
     med = statistics.median(times)
+    prof = {}
+    if args.profile:
+        try:
+            prof = profile_steps(step, data, device, args.profile_steps, offset=args.warmup + args.iters)
+        except Exception as e:  # noqa: BLE001 - a profiler failure must not lose the timings
+            prof = {"profile_error": f"{type(e).__name__}: {e}"[:2000]}
     return {
         "bench": "dinocell", "mode": mode, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch, "precision": cfg.train.precision, "with_augment": args.with_augment,
@@ -210,7 +268,7 @@ def run_mode(args, cfg, batch, device, mode: str, peak: float) -> dict:
         "mfu": flops / med / 1e12 / peak,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "loss_first": losses[0], "loss_last": losses[-1], "warmup_s": warmup_s, "n_masked": n_masked,
-        "torch": torch.__version__,
+        "torch": torch.__version__, **prof,
     }
 
 
@@ -259,6 +317,9 @@ def main() -> int:
     ap.add_argument("--ref", default=str(DEFAULT_REF), help="anchor script (default ../shared/bench/ref_step_bench.py)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--json-out", default="", help="also write all result rows to this JSON file")
+    ap.add_argument("--profile", action="store_true", help="after each mode's timed iterations, profile a few more "
+                    f"steps with torch.profiler; top {PROFILE_TOP} ops/kernels in the row (profile_top) and a table")
+    ap.add_argument("--profile-steps", type=int, default=3, help="steps run under the profiler with --profile")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -306,6 +367,9 @@ def main() -> int:
                   f"(ref {match['s_per_iter_median']:.4f} s/it vs ours {r['s_per_iter_median']:.4f} s/it, "
                   f"ref {match['tflop_per_iter']:.3f} vs ours {r['tflop_per_iter']:.3f} TFLOP/iter)")
     print(f"(B={batch}, {args.precision}, device {device}, reduced={reduced}; ours has 1 input channel, the anchor 3)")
+    if args.profile:
+        for r in rows:
+            print_profile(r)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"rows": rows, "ref": ref_rows, "ratios": ratios}, indent=1))
     return 0 if any("error" not in r for r in rows) else 1

@@ -241,6 +241,13 @@ def _s3_error(uri: str, op: str, err: Exception) -> StorageError:  # noqa: C901 
         hint = " (no such object)"
     elif code == "NoSuchBucket":
         hint = " (no such bucket)"
+    elif type(err).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+        cfg = _config.for_bucket(split_s3(uri)[0]) if is_s3(uri) else get_config()
+        endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+        hint = f" (cannot reach the S3 endpoint {endpoint}: check storage.endpoint_url / AWS_ENDPOINT_URL)"
+    elif type(err).__name__ == "NoCredentialsError":
+        hint = (" (no credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or storage.anonymous: true for a "
+                "public bucket)")
     return StorageError(f"{op} {uri} failed: {code or type(err).__name__}{hint}")
 
 

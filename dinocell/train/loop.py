@@ -19,6 +19,9 @@ i % num_workers's next batch), so a multi-worker shard loader also resumes bit-e
 Non-finite loss or gradient: nan_policy "stop" raises NonFiniteLossError naming the iteration, the loss terms and
 the last good checkpoint (never overwritten by a bad state); "skip" drops that update (no step, no EMA), counts it,
 and stops once more than max_skips updates were dropped.
+
+Preemption (dinocell.train.preemption): on SIGTERM every rank stops at the same iteration, writes the full checkpoint
+of that iteration and raises Preempted (SystemExit 143); the restarted job resumes from it exactly.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from dinocell.log import get_logger, setup_logging
 from dinocell.train.batches import TrainingBatches
 from dinocell.train.distributed import all_gather_objects, setup_distributed
 from dinocell.train.optim import apply_schedules, build_optimizer
+from dinocell.train.preemption import Preempted, SigtermFlag
 from dinocell.train.schedules import TrainingSchedules
 from dinocell.train.seeds import seed_rank_streams
 from dinocell.train.ssl_model import LOSS_KEYS, SSLInputs, SSLMetaArch, mask_batch_to
@@ -168,6 +172,8 @@ class Trainer:
         self.visualizer: Visualizer | None = None
         self._last_views = None  # the latest batch's crops and the latest gradient norms, for the log lines
         self._last_norms: torch.Tensor | None = None
+        self.sigterm = SigtermFlag()  # installed by run() around the loop
+        self.stop_agreed = False  # some rank got SIGTERM (all-reduced with the finite check): stop after this iteration
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _rank_state(self) -> dict:
@@ -267,9 +273,13 @@ class Trainer:
         norms = self.meta.clip_gradients(self.cfg.optim.clip_grad)
         stacked = torch.stack([losses[k] for k in LOSS_KEYS])
         bad = (~torch.isfinite(stacked).all() | ~torch.isfinite(norms).all()).to(torch.int32)
+        # the SIGTERM flag rides on the same all-reduce (no extra collective or sync): every rank stops together
+        flags = torch.stack([bad, torch.tensor(int(self.sigterm.requested), dtype=torch.int32, device=bad.device)])
         if self.env.distributed:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank takes the same decision
-        if bad.item():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank takes the same decisions
+        bad, stop = flags.tolist()
+        self.stop_agreed = self.stop_agreed or bool(stop)
+        if bad:
             self._non_finite(stacked, norms)
             self.optimizer.zero_grad(set_to_none=True)
             return stacked, sched, False
@@ -374,7 +384,7 @@ class Trainer:
         window = _Window()
         final_losses: dict[str, float] = {}
         sched = self.schedules.at(self.iteration)
-        try:
+        try, self.sigterm:
             while self.iteration < self.end_iteration:
                 t_wait = time.perf_counter()
                 batch = next(batches)
