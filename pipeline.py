@@ -65,6 +65,17 @@ CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_CREDENTIAL_KEYS = ("AWS_ENDPOINT_URL",)  # absent for AWS S3 itself
 
 
+# step -> (cpu request, cpu limit, memory request, memory limit)
+TASK_RESOURCES = {
+    "discover": ("2", "4", "8G", "12G"),
+    "shard": ("8", "16", "16G", "32G"),
+    "train": ("1", "2", "2G", "4G"),
+    "evaluate": ("4", "8", "16G", "24G"),
+    "publish": ("1", "2", "4G", "8G"),
+}
+RETRIED_TASKS = ("discover", "shard", "evaluate", "publish")
+
+
 @dataclass
 class TaskOptions:
     """Compile-time settings of the step pods themselves (not of the training job's pods, which are parameters)."""
@@ -75,6 +86,10 @@ class TaskOptions:
     local_image: str = ""  # image of the train task when it has GPUs (default: the CUDA training image)
     local_node_selector: dict[str, str] = field(default_factory=dict)  # train task placement (backend=local)
     local_tolerations: list[dict[str, Any]] = field(default_factory=list)
+    # CPU / memory (request, limit) of each step pod. Discovery of 3M fields peaks near 6 GB (bench_discovery.py);
+    # shard runs a process pool of preprocessing workers; the train launcher only follows a job (unless local GPUs).
+    resources: dict[str, tuple[str, str, str, str]] = field(default_factory=lambda: dict(TASK_RESOURCES))
+    retries: int = 2  # for the steps whose failures are usually transient (storage, API); never the train task
 
     def __post_init__(self) -> None:
         if isinstance(self.local_gpus, bool) or not isinstance(self.local_gpus, int) or self.local_gpus < 0:
@@ -156,8 +171,14 @@ def make_pipeline(options: TaskOptions | None = None) -> Callable:
         p = publish(checkpoint=t.outputs["checkpoint"], metrics_uri=e.outputs["Output"], models_prefix=models_prefix,
                     model_name=model_name, model_version=model_version, **cfg, **run, **s3)
         p.set_display_name("publish")
-        for task in (d, s, t, e, p):
+        for name, task in (("discover", d), ("shard", s), ("train", t), ("evaluate", e), ("publish", p)):
             pod_settings(task, secret_name)
+            cpu_req, cpu_lim, mem_req, mem_lim = opts.resources[name]
+            if not (name == "train" and opts.local_gpus):  # a local-GPU train task trains itself: no small limits
+                task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim)
+                task.set_memory_request(mem_req).set_memory_limit(mem_lim)
+            if name in RETRIED_TASKS and opts.retries:
+                task.set_retry(num_retries=opts.retries, backoff_duration="60s", backoff_factor=2.0)
 
     return dinocell_pipeline
 

@@ -101,7 +101,7 @@ def test_compiled_pipeline_structure(tmp_path):
         assert c["image"] == IMAGE, name
         text = " ".join(c["command"])
         assert "pip install" not in text and re.search(r"from dinocell\.\w+ import step\b", text), name
-        assert "resources" not in c, name  # no GPU on any step pod by default (the training pods get them)
+        assert "accelerator" not in c.get("resources", {}), name  # no GPU on any step pod by default (the training pods get them)
 
     # Storage credentials from the secret named by the parameter, on every step; the endpoint key optional.
     assert set(platform) == set(executors)
@@ -134,7 +134,7 @@ def test_task_options_put_gpu_placement_on_the_train_task_only(tmp_path):
     assert platform["exec-train"]["nodeSelector"] == {"labels": sel}
     assert platform["exec-train"]["tolerations"] == [tol]
     for name in ("exec-discover", "exec-shard", "exec-evaluate", "exec-publish"):
-        assert "resources" not in executors[name]["container"]
+        assert "accelerator" not in executors[name]["container"].get("resources", {})
         assert executors[name]["container"]["image"] == IMAGE
         assert set(platform[name]) == {"secretAsEnv"}
 
@@ -450,3 +450,21 @@ def test_demo_steps_mode_runs_the_same_steps_without_kfp(tmp_path, monkeypatch, 
     # the evaluation is what remains to check.
     scalars = json.loads((tmp_path / "eval" / "scalars.json").read_text())
     assert scalars and all(isinstance(v, (int, float)) for v in scalars.values())
+
+
+def test_step_pods_have_resources_and_transient_steps_retry(tmp_path):
+    """Every step pod requests and limits CPU / memory (discovery of 3M fields peaks near 6 GB); the transient steps
+    retry with backoff; the train launcher never retries (a retry could start a second training job)."""
+    _, spec, _ = _compile(tmp_path)
+    executors = spec["deploymentSpec"]["executors"]
+    for step, (cpu_req, cpu_lim, mem_req, mem_lim) in pl.TASK_RESOURCES.items():
+        res = executors[f"exec-{step}"]["container"]["resources"]
+        assert (res["cpuRequest"], res["cpuLimit"]) == (float(cpu_req), float(cpu_lim)), step
+        assert res["memoryRequest"] == float(mem_req.rstrip("G")) and res["memoryLimit"] == float(mem_lim.rstrip("G"))
+    assert float(pl.TASK_RESOURCES["discover"][3].rstrip("G")) >= 8  # headroom over the measured 5.7 GB peak
+    tasks = spec["root"]["dag"]["tasks"]
+    for name, task in tasks.items():
+        if name in pl.RETRIED_TASKS:
+            assert task["retryPolicy"]["maxRetryCount"] == 2 and task["retryPolicy"]["backoffDuration"] == "60s"
+        else:
+            assert "retryPolicy" not in task, name

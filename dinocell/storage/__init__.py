@@ -26,6 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from dinocell.log import get_logger
+from dinocell.storage.errors import describe_s3_error
+from dinocell.storage.retry import get_object_bytes
+
+_log = get_logger("storage")
+
 __all__ = [
     "StorageConfig",
     "StorageError",
@@ -224,31 +230,9 @@ def _client(bucket: str = ""):
     return client
 
 
-def _s3_error(uri: str, op: str, err: Exception) -> StorageError:  # noqa: C901 - a flat table of hints
-    code = ""
-    resp = getattr(err, "response", None)
-    if isinstance(resp, dict):
-        code = resp.get("Error", {}).get("Code", "")
-    hint = ""
-    if code in ("AccessDenied", "403", "Forbidden"):
-        cfg = _config.for_bucket(split_s3(uri)[0]) if is_s3(uri) else get_config()
-        hint = (
-            " (access denied: the bucket is private; anonymous access only works on public-read buckets)"
-            if cfg.anonymous
-            else " (access denied: check the credentials in the environment / object-storage secret)"
-        )
-    elif code in ("NoSuchKey", "404", "NotFound"):
-        hint = " (no such object)"
-    elif code == "NoSuchBucket":
-        hint = " (no such bucket)"
-    elif type(err).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
-        cfg = _config.for_bucket(split_s3(uri)[0]) if is_s3(uri) else get_config()
-        endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
-        hint = f" (cannot reach the S3 endpoint {endpoint}: check storage.endpoint_url / AWS_ENDPOINT_URL)"
-    elif type(err).__name__ == "NoCredentialsError":
-        hint = (" (no credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or storage.anonymous: true for a "
-                "public bucket)")
-    return StorageError(f"{op} {uri} failed: {code or type(err).__name__}{hint}")
+def _s3_error(uri: str, op: str, err: Exception) -> StorageError:
+    cfg = _config.for_bucket(split_s3(uri)[0]) if is_s3(uri) else get_config()
+    return StorageError(describe_s3_error(uri, op, err, cfg))
 
 
 # --------------------------------------------------------------------------- read / write
@@ -259,7 +243,8 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            return _client(bucket).get_object(Bucket=bucket, Key=key)["Body"].read()
+            return get_object_bytes(_client(bucket), bucket, key, _config.for_bucket(bucket).max_attempts,
+                                    on_retry=lambda n, e: _log.warning("read %s: body retry %d (%s)", uri, n, e))
         except Exception as e:  # botocore raises many types; normalise them into one message with the URI
             raise _s3_error(uri, "read", e) from e
     try:

@@ -1,0 +1,36 @@
+"""Turning botocore's many exception types into one line that names the object and what to check."""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["describe_s3_error"]
+
+
+def describe_s3_error(uri: str, op: str, err: Exception, cfg) -> str:  # noqa: C901 - a flat table of hints
+    """One line for a failed S3 call: the URI, botocore's code and a hint a person can act on (never credentials).
+
+    `cfg`: the StorageConfig in force for the URI's bucket (to tell anonymous from signed access, name the endpoint).
+    """
+    code = ""
+    resp = getattr(err, "response", None)
+    if isinstance(resp, dict):
+        code = resp.get("Error", {}).get("Code", "")
+    hint = ""
+    if code in ("AccessDenied", "403", "Forbidden"):
+        hint = (
+            " (access denied: the bucket is private; anonymous access only works on public-read buckets)"
+            if cfg.anonymous
+            else " (access denied: check the credentials in the environment / object-storage secret)"
+        )
+    elif code in ("NoSuchKey", "404", "NotFound"):
+        hint = " (no such object)"
+    elif code == "NoSuchBucket":
+        hint = " (no such bucket)"
+    elif type(err).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+        endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+        hint = f" (cannot reach the S3 endpoint {endpoint}: check storage.endpoint_url / AWS_ENDPOINT_URL)"
+    elif type(err).__name__ == "NoCredentialsError":
+        hint = (" (no credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or storage.anonymous: true for a "
+                "public bucket)")
+    return f"{op} {uri} failed: {code or type(err).__name__}{hint}"
