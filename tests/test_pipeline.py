@@ -450,6 +450,14 @@ def test_demo_steps_mode_runs_the_same_steps_without_kfp(tmp_path, monkeypatch, 
     # the evaluation is what remains to check.
     scalars = json.loads((tmp_path / "eval" / "scalars.json").read_text())
     assert scalars and all(isinstance(v, (int, float)) for v in scalars.values())
+    # The demo's S3 server is gone now, but the model and the run stayed on disk, and the printed line loads it.
+    from dinocell import load_pretrained
+
+    model = load_pretrained(str(tmp_path / "models" / "dinocell-demo"))
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert "load it:" in printed and "dinocell.load_pretrained(" in printed
+    assert list((tmp_path / "run" / "train" / "checkpoints").glob("ckpt-*.pt"))
+    assert (tmp_path / "run" / "manifest.parquet").is_file()
 
 
 def test_step_pods_have_resources_and_transient_steps_retry(tmp_path):

@@ -356,3 +356,119 @@ def test_a_pod_that_requested_gpus_never_trains_on_cpu(monkeypatch):
     monkeypatch.setenv(REQUIRED_GPUS_ENV, "8")
     with pytest.raises(RuntimeError, match="requested 8 GPUs"):
         resolve_device("cpu", 0)
+
+
+# ----------------------------------------------------------------------------------------------- preemption
+
+# The training process of a preempted pod: the tiny run, which at iteration `at` tells the test to send SIGTERM now
+# (a marker file) and holds that iteration until the signal has arrived, so the stop iteration is deterministic.
+_PREEMPTED_RUN = r"""
+import sys, time
+from pathlib import Path
+
+import torch
+
+from dinocell.config import load_config
+from dinocell.train.step import pretrain
+
+torch.set_num_threads(2)
+cfg_path, marker, at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+
+
+def hold_for_sigterm(iteration, info):
+    if iteration == at:
+        marker.write_text(str(iteration))
+        deadline = time.monotonic() + 60
+        while not info["trainer"].sigterm.requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+pretrain(load_config(cfg_path), on_iteration=hold_for_sigterm)
+"""
+
+
+def test_sigterm_checkpoints_exits_143_and_the_restart_is_bit_exact(shard_set, tmp_path):
+    """A real SIGTERM to a training process (a preempted pod): it finishes the iteration, writes the full checkpoint
+    of the iteration where it stopped, exits with 143; the restarted run resumes from `latest` and ends bit-exactly
+    where an uninterrupted run ends."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    workers = "loader.num_workers=2"  # forked DataLoader workers must not swallow the trainer's SIGTERM handling
+    before = signal.getsignal(signal.SIGTERM)
+    straight = pretrain(tiny_cfg(shard_set, tmp_path, "straight", workers))
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored when training ends
+
+    cfg_path = tmp_path / "preempted.yaml"
+    cfg_path.write_text(tiny_cfg(shard_set, tmp_path, "preempted", workers).to_yaml())
+    marker = tmp_path / "send-sigterm-now"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _PREEMPTED_RUN, str(cfg_path), str(marker), "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while not marker.exists():
+            assert proc.poll() is None, f"the run ended before iteration 3: {proc.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "the run did not reach iteration 3"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGTERM)  # during iteration 3's hook, after its periodic checkpoint
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    # the flag rides on the next iteration's all-reduce: iteration 4 completes, is checkpointed, and the run exits
+    assert "SIGTERM: checkpointed iteration 4, exiting for restart" in err, err[-3000:]
+    ckpts = CheckpointManager(str(tmp_path / "preempted" / "checkpoints"))
+    assert [it for it, _ in ckpts.list()] == [3, 4]
+    assert ckpts.latest().endswith("ckpt-00000004.pt")
+    assert json.loads((tmp_path / "preempted" / "checkpoints" / "latest.json").read_text())["iteration"] == 4
+
+    resumed = pretrain(tiny_cfg(shard_set, tmp_path, "preempted", workers))  # the restarted pod
+    assert resumed.resumed_from.endswith("ckpt-00000004.pt") and resumed.iterations == 6
+    a, b = load_final(straight), load_final(resumed)
+    assert a.keys() == b.keys()
+    for key in a.keys() - {"config"}:  # the configs differ only in run_name
+        assert_same_tree(a[key], b[key], key)
+    assert resumed.final_losses == pytest.approx(straight.final_losses, rel=0, abs=0)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "preempted" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]  # the restarted run continues the metrics log
+
+
+def _ddp_preempted_worker(rank: int, world: int, port: int, cfg_dict: dict, record_dir: str) -> None:
+    import signal
+
+    from dinocell.train.preemption import Preempted
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+
+    def sigterm_rank1(iteration, info):
+        if rank == 1 and iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, to this rank only
+
+    try:
+        pretrain(config_from_dict(cfg_dict), on_iteration=sigterm_rank1)
+        record = {"exit": 0}
+    except Preempted as e:
+        record = {"exit": e.code, "iteration": e.iteration, "checkpoint": e.checkpoint}
+    Path(record_dir, f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def test_sigterm_on_one_ddp_rank_stops_every_rank_at_the_same_iteration(shard_set, tmp_path):
+    cfg = tiny_cfg(shard_set, tmp_path / "out", "ddp", "train.max_iters=4", "train.ckpt_every=2")
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    mp.spawn(_ddp_preempted_worker, args=(2, _free_port(), cfg.to_dict(), str(record_dir)), nprocs=2, join=True)
+
+    r0, r1 = (json.loads((record_dir / f"rank{r}.json").read_text()) for r in (0, 1))
+    # rank 1's SIGTERM (end of iteration 2) reaches rank 0 through iteration 3's all-reduce: both stop after 3
+    assert r0 == r1 and r0["exit"] == 143 and r0["iteration"] == 3 and r0["checkpoint"].endswith("ckpt-00000003.pt")
+    mgr = CheckpointManager(str(tmp_path / "out" / "ddp" / "checkpoints"))
+    assert [it for it, _ in mgr.list()] == [2, 3]
+    state = mgr.load()
+    assert state["iteration"] == 3 and state["world_size"] == 2 and [r["rank"] for r in state["ranks"]] == [0, 1]

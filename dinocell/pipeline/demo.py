@@ -24,10 +24,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dinocell import storage
 from dinocell.config.step_args import configure_storage
 from dinocell.log import get_logger, setup_logging
 from dinocell.pipeline.in_process import run_all_steps
 from dinocell.pipeline.local import run_local
+from dinocell.pipeline.outcome import copy_prefix
 from dinocell.storage.local_server import create_bucket, local_s3_server
 
 log = get_logger("demo")
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model-name", default="dinocell-demo")
     ap.add_argument("--model-version", default="", help="default: the run id")
     ap.add_argument("--steps", action="store_true", help="run the steps directly instead of through kfp.local")
+    ap.add_argument("--verbose", action="store_true", help="print kfp.local's task logs here instead of <workdir>/kfp.log")
     return ap
 
 
@@ -97,9 +100,19 @@ def main(argv: list[str] | None = None, pipeline_func: Callable | None = None) -
         if args.steps:
             outcome = run_all_steps(**common)
         else:
-            outcome = run_local(pipeline_func, **common)
+            log_file = None if args.verbose else workdir / "kfp.log"
+            if log_file is not None:
+                print(f"running the pipeline with kfp.local (step logs: {log_file}) ...", flush=True)
+            outcome = run_local(pipeline_func, **common, log_file=log_file)
+        # The server lives in memory: keep what the run made on disk, so the model loads after the demo.
+        models_dir, run_dir = workdir / "models" / args.model_name, workdir / "run"
+        copy_prefix(storage.join(MODELS, args.model_name), models_dir)
+        copy_prefix(outcome.layout.root, run_dir)
     print()
     print(outcome.format())
+    rel = os.path.relpath(models_dir)
+    print(f"on disk:         {models_dir} (published model), {run_dir} (manifest, shards, checkpoints, evaluation)")
+    print(f'load it:         python -c "import dinocell; print(dinocell.load_pretrained(\'{rel}\'))"')
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     return 0
 

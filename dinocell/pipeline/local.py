@@ -6,7 +6,9 @@ package's; cluster-only task settings (secrets, GPUs, placement, caching) have n
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -43,13 +45,15 @@ def local_arguments(source: str, outputs: str, config: str, overrides: Any, endp
 
 def run_local(pipeline_func: Callable, source: str, outputs: str, workdir: str | os.PathLike, config: str = "tiny",
               overrides: Any = (), endpoint_url: str = "", *, run_name: str = "", model_name: str = "dinocell-demo",
-              model_version: str = "", anonymous: bool = False, **params: Any) -> PipelineOutcome:
+              model_version: str = "", anonymous: bool = False, log_file: str | os.PathLike | None = None,
+              **params: Any) -> PipelineOutcome:
     """Run `pipeline_func` (pipeline.py's pipeline) on this machine with kfp.local (one subprocess per step, this
     Python's packages).
 
     `source`: source root of a JUMP-layout bucket (its `images/` and `workspace/` live under it); `outputs`: the output
     root; KFP's own local outputs go to `<workdir>/kfp`, and the evaluation folder (report.html + images) is copied to
-    `<workdir>/eval`. Extra keyword arguments are further pipeline parameters.
+    `<workdir>/eval`. Extra keyword arguments are further pipeline parameters. `log_file`: kfp.local's own output
+    (every task's executor input and streamed log) goes there instead of stdout; its tail is shown if a step fails.
     """
     from kfp import local
 
@@ -65,6 +69,17 @@ def run_local(pipeline_func: Callable, source: str, outputs: str, workdir: str |
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         # Cluster-only task settings (display names, caching, secrets, GPUs) are no-ops here, as documented.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*", category=UserWarning)
-        pipeline_func(**args)
+        if log_file is None:
+            pipeline_func(**args)
+        else:
+            with open(log_file, "w") as log, contextlib.redirect_stdout(log):
+                try:
+                    pipeline_func(**args)
+                except BaseException:
+                    log.flush()
+                    tail = Path(log_file).read_text().splitlines()[-40:]
+                    print("\n".join(tail), file=sys.__stderr__)
+                    print(f"(the whole KFP log: {log_file})", file=sys.__stderr__)
+                    raise
     layout = RunLayout(outputs, run_name, params.get("models_prefix", ""))
     return collect_outcome(layout, model_name, layout.model_version(model_version), workdir)

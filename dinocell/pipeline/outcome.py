@@ -11,7 +11,7 @@ from dinocell.config.step_args import StepError
 from dinocell.eval.step import read_eval_outputs
 from dinocell.pipeline.layout import RunLayout
 
-__all__ = ["PipelineOutcome", "collect_outcome"]
+__all__ = ["PipelineOutcome", "collect_outcome", "copy_prefix"]
 
 
 @dataclass
@@ -33,7 +33,7 @@ class PipelineOutcome:
         return "\n".join(lines)
 
 
-def _copy_prefix(prefix: str, dest: Path) -> int:
+def copy_prefix(prefix: str, dest: Path) -> int:
     """Copy every object under `prefix` into `dest`, keeping relative paths; returns the count."""
     base = prefix.rstrip("/") + "/"
     n = 0
@@ -52,7 +52,7 @@ def collect_outcome(layout: RunLayout, model_name: str, model_version: str, work
     local_report = None
     if workdir is not None:
         dest = Path(workdir) / "eval"
-        n = _copy_prefix(layout.eval, dest)
+        n = copy_prefix(layout.eval, dest)
         local_report = (dest / "report.html").resolve()
         if not local_report.is_file():
             raise StepError(f"copied {n} file(s) from {layout.eval} but no report.html among them")

@@ -384,7 +384,8 @@ class Trainer:
         window = _Window()
         final_losses: dict[str, float] = {}
         sched = self.schedules.at(self.iteration)
-        try, self.sigterm:
+        self.sigterm.install()  # SIGTERM (preemption) -> checkpoint and exit at the end of an iteration
+        try:
             while self.iteration < self.end_iteration:
                 t_wait = time.perf_counter()
                 batch = next(batches)
@@ -414,9 +415,14 @@ class Trainer:
                     self.on_iteration(self.iteration, {"rank": env.rank, "world_size": env.world_size,
                                                        "field_ids": list(batch["field_ids"]), "applied": applied,
                                                        "losses": stacked, "masks": batch["masks"], "trainer": self})
+                if self.stop_agreed and not last:
+                    self._preempted()
             if self.last_saved_iteration != self.iteration or self.last_checkpoint is None:
                 self.save_checkpoint()
+            if self.stop_agreed or self.sigterm.requested:
+                log.info("SIGTERM during the last iteration: training is complete, not restarting")
         finally:
+            self.sigterm.restore()
             if progress is not None:
                 progress.close()
         if self.sync_logs and env.rank == 0:
@@ -430,6 +436,13 @@ class Trainer:
             skipped_iterations=self.skipped,
             resumed_from=self.resumed_from,
         )
+
+    def _preempted(self) -> None:
+        """Some rank got SIGTERM: checkpoint this iteration (all ranks, like a periodic one) and exit for a restart."""
+        if self.last_saved_iteration != self.iteration:
+            self.save_checkpoint()
+        log.info("SIGTERM: checkpointed iteration %d, exiting for restart", self.iteration)
+        raise Preempted(self.iteration, self.last_checkpoint)
 
     def close(self) -> None:
         self.logger.close()

@@ -38,7 +38,7 @@ class Preempted(SystemExit):
 
 
 class SigtermFlag:
-    """`with SigtermFlag() as flag:` ... `flag.requested` turns True once SIGTERM arrived.
+    """`with SigtermFlag() as flag:` (or install() ... restore()): `flag.requested` turns True once SIGTERM arrived.
 
     Installed only from the main thread (Python's rule for signal handlers; elsewhere SIGTERM keeps its handler and
     the flag stays False). A process forked while it is installed (a DataLoader worker) does not inherit the flag:
@@ -58,17 +58,26 @@ class SigtermFlag:
             return
         self.requested = True  # nothing else here: no logging, no I/O inside a signal handler
 
-    def __enter__(self) -> SigtermFlag:
+    def install(self) -> None:
+        if self.installed:
+            return
         if threading.current_thread() is not threading.main_thread():
             log.info("training outside the main thread: no SIGTERM handler (no checkpoint on preemption)")
-            return self
+            return
         self._pid = os.getpid()
         self._previous = signal.signal(signal.SIGTERM, self._handle)
         self.installed = True
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
+        """Put the handler that was there before `install()` back."""
         if self.installed:
             # None: the previous handler was not set from Python; the default action is the closest equivalent
             signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
             self.installed = False
+
+    def __enter__(self) -> SigtermFlag:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()

@@ -10,6 +10,7 @@ the pieces it assembles each live in their own module of dinocell.train:
     ema           the EMA teacher update
     optim         AdamW with per-layer lr decay; schedules: lr / wd / momentum / teacher temperature
     checkpoint    crash-safe checkpoints and RNG state capture
+    preemption    SIGTERM -> checkpoint -> exit 143 (the restarted job resumes)
     visualize     attention / PCA / consistency images during training
 """
 
@@ -29,6 +30,10 @@ def pretrain(cfg, on_iteration: Callable[[int, dict], None] | None = None) -> Pr
     checkpoint (info: rank, world_size, field_ids, applied, losses, masks (the iteration's iBOT MaskBatch),
     trainer): a hook for monitoring and tests; an exception it raises ends the run like a crash (no final
     checkpoint).
+
+    SIGTERM (preemption, node drain) while it runs: every rank finishes the iteration, the checkpoint of that
+    iteration is written and `Preempted` (dinocell.train.preemption; a SystemExit with status 143) is raised, so the
+    process exits non-zero and the restarted job resumes from that checkpoint.
     """
     trainer = Trainer(cfg, on_iteration=on_iteration)
     try:
