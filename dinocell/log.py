@@ -9,6 +9,18 @@ import sys
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (test capture and redirection swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always follows sys.stderr
+        pass
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -20,7 +32,7 @@ def setup_logging(level: str | int | None = None) -> None:
         level = "WARNING"
     root = logging.getLogger("dinocell")
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         root.addHandler(handler)
         root.propagate = False

@@ -371,7 +371,8 @@ import torch
 from dinocell.config import load_config
 from dinocell.train.step import pretrain
 
-torch.set_num_threads(2)
+# the same intra-op thread count as the in-process runs it is compared with (float reductions depend on it)
+torch.set_num_threads(int(sys.argv[4]))
 cfg_path, marker, at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 
 
@@ -405,7 +406,8 @@ def test_sigterm_checkpoints_exits_143_and_the_restart_is_bit_exact(shard_set, t
     cfg_path.write_text(tiny_cfg(shard_set, tmp_path, "preempted", workers).to_yaml())
     marker = tmp_path / "send-sigterm-now"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", _PREEMPTED_RUN, str(cfg_path), str(marker), "3"],
+    proc = subprocess.Popen([sys.executable, "-c", _PREEMPTED_RUN, str(cfg_path), str(marker), "3",
+                             str(torch.get_num_threads())],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 90
