@@ -147,6 +147,8 @@ def cmd_serve_s3(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dinocell.launch.step import DEFAULT_SECRET  # no torch, no kubernetes client
+
     ap = argparse.ArgumentParser(prog="dinocell", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"dinocell {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -206,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default=None)
     p.add_argument("--node-selector", default=None, help='JSON mapping, e.g. {"nvidia.com/gpu.product": "..."}')
     p.add_argument("--tolerations", default=None, help="JSON list of tolerations")
-    p.add_argument("--secret-name", default="dinocell-storage", help="storage credentials Secret (k8s backends)")
+    p.add_argument("--secret-name", default=DEFAULT_SECRET, help="storage credentials Secret (k8s backends)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("evaluate", help="channel-consistency evaluation of a checkpoint")

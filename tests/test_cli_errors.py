@@ -33,7 +33,7 @@ CASES = [
                                       "{tmp}/nope.parquet", "--out", "{tmp}/ev"], {}, ["{tmp}/nope.pt"]),
     ("publish, checkpoint missing", ["publish", "--checkpoint", "{tmp}/nope.pt", "--dest", "{tmp}/m", "--name", "a",
                                      "--version", "1"], {}, ["{tmp}/nope.pt"]),
-    ("train, unknown backend setting", ["train", "--config", "tiny", "--output-dir", "{tmp}/run", "--backend", "local",
+    ("train, local backend on 2 nodes", ["train", "--config", "tiny", "--output-dir", "{tmp}/run", "--backend", "local",
                                         "--nodes", "2"], {}, ["nodes=2", "pytorchjob"]),
     ("S3 no such key", ["shard", "--config", "tiny", "--manifest", "s3://{bucket}/missing.parquet", "--out",
                         "s3://{bucket}/shards"], {"AWS_ENDPOINT_URL": "{endpoint}"},

@@ -20,12 +20,10 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from dinocell.channels import FLUORESCENT_CHANNELS
+from dinocell.config.augment import AugmentConfig
+from dinocell.config.errors import ConfigError
+from dinocell.config.training import LossConfig, ModelConfig, OptimConfig, TrainConfig
 from dinocell.storage import StorageConfig
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the field and where it came from."""
-
 
 # --------------------------------------------------------------------------- data-path sections
 
@@ -98,12 +96,19 @@ def register_section(name: str, cls: type) -> None:
     _SECTIONS[name] = cls
 
 
+# Every section, in the order a resolved config is written. The training sections are plain dataclasses too
+# (dinocell.config.training / .augment import no torch), so they are registered here like the data sections.
 for _name, _cls in (
     ("storage", StorageConfig),
     ("data", DataConfig),
     ("preprocess", PreprocessConfig),
     ("shard", ShardConfig),
     ("loader", LoaderConfig),
+    ("model", ModelConfig),
+    ("augment", AugmentConfig),
+    ("loss", LossConfig),
+    ("optim", OptimConfig),
+    ("train", TrainConfig),
 ):
     register_section(_name, _cls)
 
@@ -112,7 +117,6 @@ class Config:
     """The whole config: one attribute per registered section (`cfg.data.batches`, `cfg.optim.lr`, ...)."""
 
     def __init__(self, **sections: Any):
-        _ensure_sections_loaded()
         for name, cls in _SECTIONS.items():
             setattr(self, name, sections.pop(name, None) or cls())
         if sections:
@@ -126,18 +130,6 @@ class Config:
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"Config({self.to_dict()!r})"
-
-
-def _ensure_sections_loaded() -> None:
-    """Import the modules that own training sections so that they register (kept lazy: data steps need no torch)."""
-    import importlib
-
-    for mod in _SECTION_MODULES:
-        importlib.import_module(mod)
-
-
-# Modules that call register_section at import time.
-_SECTION_MODULES: list[str] = ["dinocell.config.training"]
 
 
 def _to_plain(obj: Any) -> Any:

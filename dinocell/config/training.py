@@ -1,7 +1,6 @@
 """Config sections of SSL training: `model`, `augment`, `loss`, `optim`, `train`.
 
-Registered with the one config system (dinocell.config) when this module is imported (config.py lists it in
-`_SECTION_MODULES`). Defaults are the seed's values (configs/vits8_jump.yaml); each `validate()` rejects values
+Registered with the one config system by dinocell.config, beside the data sections. Defaults are the seed's values (configs/vits8_jump.yaml); each `validate()` rejects values
 that cannot work, naming the field. Checks that involve two sections (e.g. the teacher-temperature warm-up against
 the number of epochs) live in `validate_training_config(cfg)`, which `pretrain` calls.
 """
@@ -12,8 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from dinocell.config import register_section
-from dinocell.config.augment import AugmentConfig
+from dinocell.config.errors import ConfigError
 
 _ARCHS = ("vit_tiny", "vit_small", "vit_base")
 
@@ -253,7 +251,6 @@ def total_iterations(optim: OptimConfig, iters_per_epoch: int) -> int:
 
 def validate_training_config(cfg) -> None:
     """Checks that span sections; raises dinocell.config.ConfigError naming the fields."""
-    from dinocell.config import ConfigError
 
     problems = []
     if cfg.loss.warmup_teacher_temp_epochs > cfg.optim.epochs:
@@ -273,20 +270,3 @@ def validate_training_config(cfg) -> None:
         problems.append("loader.mode=raw needs data.manifest (the field manifest URI)")
     if problems:
         raise ConfigError("config error: " + "; ".join(problems))
-
-
-register_section("model", ModelConfig)
-register_section("augment", AugmentConfig)
-register_section("loss", LossConfig)
-register_section("optim", OptimConfig)
-register_section("train", TrainConfig)
-
-__all__ = [
-    "AugmentConfig",
-    "LossConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "TrainConfig",
-    "total_iterations",
-    "validate_training_config",
-]

@@ -15,6 +15,7 @@ from typing import Any
 
 from dinocell import storage
 from dinocell.config.step_args import StepError, load_step_config, parse_json_arg
+from dinocell.launch.launcher import DEFAULT_START_TIMEOUT_S
 from dinocell.log import get_logger
 
 __all__ = ["BACKENDS", "DEFAULT_SECRET", "TRAIN_RUN_NAME", "TrainOutcome", "train"]
@@ -74,7 +75,7 @@ def train(
     memory_per_node: str = "",
     job_name: str = "",
     timeout_s: float | None = None,
-    start_timeout_s: float = 1800.0,
+    start_timeout_s: float | None = DEFAULT_START_TIMEOUT_S,
     poll_s: float = 10.0,
     endpoint_url: str = "",
     anonymous: bool | None = None,
