@@ -270,7 +270,10 @@ def test_batch_from_url_when_nothing_else_names_it(tmp_path):
     rows2 = [["relative/a.tiff", "P", "A01", "1"]]
     src2 = write_csv(tmp_path / "nobatch.csv", header, rows2)
     res2 = discover_fields(cfg_for(tmp_path, load_data=[src2], channels=["DNA"]))
-    assert len(res2.manifest) == 0 and res2.summary["excluded_by_reason"] == {exclusions.NO_BATCH: 1}
+    # Nothing names a batch: the CSV's folder does (issue 9 section 4; tests/test_platemaps.py has the other sources).
+    assert res2.manifest.column("batch") == [tmp_path.name] and res2.summary["excluded_total"] == 0
+    assert res2.summary["inputs"]["batch_from"] == {"CSV folder name": 1}
+    assert res.summary["inputs"]["batch_from"] == {"images path": 2}
 
 
 # --------------------------------------------------------------------------- exclusions and accounting

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -37,7 +38,8 @@ IMAGE_KEY = re.compile(
 ILLUM_KEY = re.compile(rf"^images/{BATCH}/illum/{BARCODE}/(?P=barcode)_Illum(?P<channel>[A-Za-z]+)\.npy$")
 CSV_KEY = re.compile(rf"^workspace/load_data_csv/{BATCH}/{BARCODE}/load_data(_with_illum)?\.csv$")
 PLATEMAP_KEY = re.compile(
-    rf"^workspace/metadata/platemaps/{BATCH}/(barcode_platemap\.csv|platemap/SYNTH-PLATEMAP-1\.txt)$"
+    rf"^workspace/metadata/(platemaps/{BATCH}/(barcode_platemap\.csv|platemap/SYNTH-PLATEMAP-1\.txt)"
+    r"|external_metadata/SYNTH-PLATEMAP-1_metadata\.tsv)$"
 )
 
 
@@ -108,7 +110,7 @@ def test_every_key_follows_the_cpg0000_layout(url_bucket):
             pytest.fail(f"unexpected key {key!r}")
     # 2 batches x 2 plates x 4 wells x 2 sites, 8 channels each (ch1..ch8), all channels of a field in one folder
     assert len(images) == 32 and all(chs == set(range(1, 9)) for chs in images.values())
-    assert len(illum) == 4 * 8 and len(csvs) == 4 * 2 and len(platemaps) == 2 * 2
+    assert len(illum) == 4 * 8 and len(csvs) == 4 * 2 and len(platemaps) == 2 * 2 + 1  # + the perturbation metadata
     batches = {b for b, *_ in report.plates}
     assert batches == set(REAL_SOURCE4_BATCHES[:2])
     barcodes = [bc for _, bc, _ in report.plates]
@@ -201,24 +203,7 @@ def test_filename_form_and_stale_prefix(tmp_path, buckets):
             assert (root2 / rel).is_file()  # the same relative key exists under the real root: re-rooting works
 
 
-def test_platemap_assigns_treatments_consistently(url_bucket):
-    _root, report = url_bucket
-    barcodes = {bc for _, bc, _ in report.plates}
-    seen_barcodes, layouts = set(), []
-    for uri in report.platemap_uris:
-        rows = list(
-            csv.DictReader(io.StringIO(storage.read_text(uri)), delimiter="\t" if uri.endswith(".txt") else ",")
-        )
-        if uri.endswith("barcode_platemap.csv"):
-            seen_barcodes |= {r["Assay_Plate_Barcode"] for r in rows}
-        else:
-            layouts.append({r["well_position"]: (r["broad_sample"], r["pert_type"]) for r in rows})
-    assert seen_barcodes == barcodes
-    assert layouts[0] == layouts[1] and len(layouts[0]) == 4
-    assert sorted(s for s, _ in layouts[0].values()) == ["SYNTH-T00", "SYNTH-T01", "SYNTH-T02", "SYNTH-T03"]
-    assert all((t == "control") == (s == "SYNTH-T00") for s, t in layouts[0].values())
-    wells = {r["Metadata_Well"] for r in read_csv(report.load_data_uris[0])}
-    assert wells == set(layouts[0])
+# The plate maps and the planted layout: tests/test_platemaps.py.
 
 
 # --------------------------------------------------------------------------- illumination
@@ -324,7 +309,7 @@ def corrected_fluorescence(report) -> list[tuple[dict, dict]]:
 
 def test_plates_differ_measurably_as_planned(tmp_path):
     """All-control plates (no treatments): held-out fields are told apart by plate, counts follow planned densities."""
-    kw = {"batches": 2, "plates_per_batch": 2, "wells_per_plate": 2, "sites_per_well": 4, "treatments": 1, "seed": 3}
+    kw = {"batches": 2, "plates_per_batch": 2, "wells_per_plate": 2, "sites_per_well": 4, "perturbations": 0, "seed": 3}
     plan = plan_bucket(**kw)
     report = synth_bucket(str(tmp_path / "s4"), size=SIZE, workers=2, **kw)
     feats, plates, counts = [], [], {}
@@ -340,15 +325,19 @@ def test_plates_differ_measurably_as_planned(tmp_path):
     assert mean_counts == sorted(mean_counts), (by_density, mean_counts)
 
 
-def test_treatments_are_told_apart_within_a_plate(tmp_path):
-    """The plate map's treatments change the cells enough for held-out fields to be assigned to their well."""
-    report = synth_bucket(str(tmp_path / "s4"), batches=1, plates_per_batch=1, wells_per_plate=4, sites_per_well=6,
-                          treatments=4, size=SIZE, seed=0, workers=2)  # fmt: skip
-    feats, wells = [], []
+def test_planted_perturbations_are_told_apart_within_a_plate(tmp_path):
+    """Replicate wells of a perturbation (at other positions) look alike; a positive control is far from DMSO."""
+    report = synth_bucket(str(tmp_path / "s4"), batches=1, plates_per_batch=1, wells_per_plate=8, sites_per_well=4,
+                          perturbations=2, poscon=1, negcon_wells=2, targets=2, size=SIZE, seed=0, workers=2)  # fmt: skip
+    truth = report.truth()
+    feats, perts = [], []
     for row, im in corrected_fluorescence(report):
         feats.append(field_features(im)[0])
-        wells.append(row["Metadata_Well"])
-    assert leave_one_out_accuracy(feats, wells) > 0.6  # chance: 1/4
+        perts.append(truth[(row["Metadata_Plate"], row["Metadata_Well"])]["perturbation"])
+    assert Counter(perts) == {"DMSO": 8, "SYNTH-POS1": 8, "SYNTH-P01": 8, "SYNTH-P02": 8}  # 2 wells x 4 sites
+    assert leave_one_out_accuracy(feats, perts) > 0.5  # chance: 1/4; fields are classified by perturbation, not well
+    ctrl = [i for i, p in enumerate(perts) if p in ("DMSO", "SYNTH-POS1")]
+    assert leave_one_out_accuracy([feats[i] for i in ctrl], [perts[i] for i in ctrl]) > 0.85  # chance: 1/2
 
 
 def test_render_field_is_deterministic_and_seed_dependent():
@@ -450,6 +439,13 @@ def test_faults_are_planted_exactly_as_reported(tmp_path, buckets):
         ({"wells_per_plate": 0}, "wells_per_plate"),
         ({"sites_per_well": 100}, "sites_per_well"),
         ({"workers": 0}, "workers"),
+        ({"wells_per_plate": 4, "perturbations": 2}, "wells_per_plate=4 is too small for the layout"),
+        ({"wells_per_plate": 8, "perturbations": 2, "poscon": 1, "negcon_wells": 3}, "= 9 wells"),
+        ({"replicates": 1}, "replicates"),
+        ({"negcon_wells": 0}, "negcon_wells"),
+        ({"poscon": -1}, "poscon"),
+        ({"wells_per_plate": 8, "perturbations": 2, "targets": 3}, "targets"),
+        ({"wells_per_plate": 2, "targets": 1}, "no perturbations"),
     ],
 )
 def test_bad_arguments_are_refused_with_the_parameter_named(tmp_path, kwargs, message):
@@ -469,8 +465,8 @@ def test_s3_bucket_holds_the_same_keys_and_bytes_as_the_local_form(s3_bucket, tm
     rs3 = buckets.synth(s3_root, **kw)
     rlocal = buckets.synth(local_root, **kw)
     s3_keys, local_keys = rel_keys(s3_root), rel_keys(str(local_root))
-    # images (one missing) + illum + CSVs + plate maps + stray files
-    assert set(s3_keys) == set(local_keys) and len(s3_keys) == 2 * 8 * 2 - 1 + 2 * 8 + 2 * 2 + 2 + 2
+    # images (one missing) + illum + CSVs + plate maps + perturbation metadata + stray files
+    assert set(s3_keys) == set(local_keys) and len(s3_keys) == 2 * 8 * 2 - 1 + 2 * 8 + 2 * 2 + 2 + 1 + 2
     for key in s3_keys:
         s3_bytes = storage.read_bytes(f"{s3_root}/{key}")
         local_bytes = (local_root / key).read_bytes()

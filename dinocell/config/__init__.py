@@ -47,6 +47,13 @@ class DataConfig:
     split_seed: int = 0
     manifest: str = ""  # URI of the field manifest written by `dinocell discover`
     list_workers: int = 16  # parallel listing across plate prefixes
+    # Plate-map metadata for the manifest's perturbation / control_type / target columns: a CSV (URI) with columns
+    # plate (or Metadata_Plate), well (or Metadata_Well / well_position), perturbation, control_type, target; when set it
+    # replaces the gallery's workspace/metadata/platemaps + external_metadata. Empty: read the gallery's maps.
+    plate_metadata: str = ""
+    # Batch of load_data rows that name none (no load_data_csv/<BATCH>/ folder, Metadata_Batch or images/<BATCH>/
+    # path); empty: the CSV's parent folder name.
+    default_batch: str = ""
 
 
 @dataclass

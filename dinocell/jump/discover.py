@@ -33,7 +33,9 @@ Load_data mode does not check that image objects exist (that would be millions o
 report missing objects when they read them.
 
 Batch of a row: the CSV's location (`load_data_csv/<BATCH>/<BARCODE>/`), else a `Metadata_Batch` column, else the
-`images/<BATCH>/` part of the first requested channel's path; none of these -> excluded ("no batch"). Plate:
+`images/<BATCH>/` part of the first requested channel's path, else `data.default_batch`, else the name of the folder
+holding the CSV (a user's own export outside the gallery layout: `exports/run1/load_data.csv` -> batch `run1`); the
+summary counts rows per source (`inputs.batch_from`). Only a CSV with no folder at all is excluded ("no batch"). Plate:
 `Metadata_Plate` (else the `<BARCODE>` folder); well: `Metadata_Well` (else `Metadata_Row` + `Metadata_Col`), written
 as `A01`; site: `Metadata_Site` (an integer). When one folder holds both `load_data.csv` and `load_data_with_illum.csv`,
 only the latter is read (it has the same rows plus the illumination columns); the other is listed in the summary.
@@ -61,10 +63,16 @@ discovered.
 Train/val split: by plate with `assign_splits` over every plate that has fields after exclusions (before `max_fields`, so
 a plate's split does not depend on the subset size).
 
+Plate maps: the manifest's `perturbation`, `control_type` and `target` columns come from the gallery's plate maps
+(`workspace/metadata/platemaps/<BATCH>/`, `external_metadata/`) or from the CSV `data.plate_metadata`
+(dinocell.jump.platemaps, .plate_metadata); a plate without a map or a well without an entry keeps "" there and is
+counted in the summary's `plate_maps`. Channels: load_data mode takes any channel names in `data.channels` (e.g.
+Actin, Mito, Phase) from the `URL_Orig<Ch>` / `FileName_Orig<Ch>` columns; listing mode needs a chN for each.
+
 Summary (`DiscoveryResult.summary`, written as JSON beside the manifest): mode, inputs (CSV files read / skipped / not
 selected, or plate folders and keys listed), `rows_read` (CSV rows, or field groups found by listing), `fields`,
 `fields_per_batch`, `fields_per_plate` ({batch: {plate: n}}), `fields_per_split`, `plates_per_split`, `not_selected`,
-`illum_plates`, `excluded_total`, `excluded_by_reason` and `excluded` (every entry). In load_data mode
+`illum_plates`, `plate_maps`, `excluded_total`, `excluded_by_reason` and `excluded` (every entry). In load_data mode
 rows_read = fields + excluded_total + sum(not_selected).
 
 Code: this module holds the entry points (`discover_fields`, `write_discovery`), the result type and the final
@@ -97,6 +105,7 @@ from dinocell.jump.listing import gather_listing
 from dinocell.jump.load_data import gather_load_data
 from dinocell.jump.load_data_files import LOAD_DATA_NAMES, csv_location, find_load_data_csvs
 from dinocell.jump.manifest import Manifest, assign_splits
+from dinocell.jump.plate_metadata import annotate_plate_maps
 from dinocell.jump.reroot import reroot_path
 from dinocell.jump.selection import dedupe, select_max_fields
 from dinocell.jump.summary import build_summary, format_summary
@@ -222,7 +231,6 @@ def _finish(cfg: DataConfig, channels: Sequence[str], mode: str, g: Gathered) ->
     plate_code = np.array([plate_names.index(p) for _, p in keys.plates], dtype=np.int64)
     split_code = np.array([0 if split_of.get(p) == "train" else 1 for _, p in keys.plates], dtype=np.int64)
 
-
     # Illumination: where the CSV gave none, the layout's files that exist (one listing per plate).
     illum, illum_status = fill_layout_illum(cfg, final, keys, group, channels)
     arrays = {
@@ -236,6 +244,8 @@ def _finish(cfg: DataConfig, channels: Sequence[str], mode: str, g: Gathered) ->
     arrays.update({f"uri_{c}": final.column(f"uri_{c}") for c in channels})
     # Illum URIs repeat per plate: dictionary-encode them (about 1.8 GB less memory at 3M fields).
     arrays.update({f"illum_{c}": pc.dictionary_encode(as_array(illum[c])) for c in channels})
+    metadata, plate_maps = annotate_plate_maps(cfg, keys, kept, group, g.sources if mode == "load_data" else [])
+    arrays.update(metadata)
     manifest = Manifest(pa.table(arrays), channels)
     per_group = np.bincount(group, minlength=len(keys.plates))
     per_plate: dict[str, dict[str, int]] = {}
@@ -243,7 +253,7 @@ def _finish(cfg: DataConfig, channels: Sequence[str], mode: str, g: Gathered) ->
         if n:
             per_plate.setdefault(b, {})[p] = n
     summary = build_summary(
-        cfg, channels, mode, g, manifest, per_plate, exclusions, not_selected, split_of, illum_status
+        cfg, channels, mode, g, manifest, per_plate, exclusions, not_selected, split_of, illum_status, plate_maps
     )
     return DiscoveryResult(manifest, summary, exclusions)
 

@@ -26,6 +26,7 @@ from dinocell.jump.exclusions import (
     Exclusion,
     missing_channel,
 )
+from dinocell.progress import Progress
 
 IMAGE_EXTENSIONS = (".tif", ".tiff")
 
@@ -75,9 +76,9 @@ def gather_listing(cfg: DataConfig, channels: Sequence[str], numbers: Mapping[st
         raise DiscoveryError(f"listing mode: no plate folders under {prefix}<BATCH>/images/ for batches {batches}")
 
     images_dirs = [d + "Images/" for _, _, d in plates]
-    listings = storage.map_parallel(
-        lambda d: [o.uri for o in storage.list_objects(d)], images_dirs, max_workers=cfg.list_workers
-    )
+    with Progress("discover: plate listings", total=len(images_dirs), unit="plate") as bar:
+        listings = storage.map_parallel(bar.counted(lambda d: [o.uri for o in storage.list_objects(d)]),
+                                        images_dirs, max_workers=cfg.list_workers)
     _probe_read_access(prefix, listings)
     wanted_numbers = {numbers[c] for c in channels}
     cols: dict[str, list] = {k: [] for k in ("batch", "plate", "well", "site", "src", "row")}

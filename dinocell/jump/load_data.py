@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import gzip
 import os
+import posixpath
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from dinocell.jump.exclusions import (
 )
 from dinocell.jump.load_data_files import csv_location
 from dinocell.jump.reroot import resolve_paths
+from dinocell.progress import Progress
 
 
 def _read_csv(uri: str, data: bytes, wanted: set[str]) -> tuple[pa.Table, list[str]]:
@@ -157,10 +159,39 @@ def _wells_from_row_col(rows: pa.Array, cols: pa.Array) -> pa.Array:
     return pa.array(out, pa.string()).take(encoded.indices)
 
 
+def _batch_column(t: pa.Table, uri: str, n: int, loc_batch, path_batch, default_batch: str):
+    """Each row's batch, from the first of: the CSV's `load_data_csv/<BATCH>/` folder, `Metadata_Batch`, the
+    `images/<BATCH>/` part of the first channel's path, `data.default_batch`, the CSV's parent folder name; and how
+    many rows each of these named (a user's own export names none of the first three)."""
+    candidates: list[tuple[str, pa.Array]] = []
+    if loc_batch is not None:
+        candidates.append(("load_data_csv folder", pa.array([loc_batch] * n, pa.string())))
+    meta_batch = _text(t, "Metadata_Batch")
+    if meta_batch is not None:
+        named = pc.if_else(pc.equal(meta_batch, ""), pa.scalar(None, pa.string()), meta_batch)
+        candidates.append(("Metadata_Batch", named))
+    if path_batch is not None:
+        candidates.append(("images path", path_batch))
+    parent = posixpath.basename(posixpath.dirname(uri.replace("\\", "/").rstrip("/")))
+    if default_batch:
+        candidates.append(("data.default_batch", pa.array([default_batch] * n, pa.string())))
+    elif parent:
+        candidates.append(("CSV folder name", pa.array([parent] * n, pa.string())))
+    batch = pa.nulls(n, pa.string())
+    counts = Counter()
+    for label, values in candidates:
+        fills = pc.and_(pc.is_null(batch), pc.is_valid(values))
+        filled = pc.sum(fills).as_py() or 0
+        if filled:
+            counts[label] += filled
+        batch = pc.coalesce(batch, values)
+    return batch, counts
+
+
 def _process_csv(
     t: pa.Table, header: Sequence[str], uri: str, src: int, cfg: DataConfig, channels: Sequence[str]
-) -> tuple[pa.Table, list[Exclusion], Counter]:
-    """One parsed load_data CSV -> candidate rows, exclusions and not-selected counts (vectorised)."""
+) -> tuple[pa.Table, list[Exclusion], Counter, Counter]:
+    """One parsed load_data CSV -> candidate rows, exclusions, not-selected counts and rows per batch source."""
     n = t.num_rows
     loc_batch, loc_barcode = csv_location(uri)
     reasons = _Reasons(n)
@@ -216,15 +247,7 @@ def _process_csv(
         reasons.add(why, full)
         illums[ch] = pc.if_else(empty, pa.scalar(None, pa.string()), uri_arr)
 
-    candidates = []
-    if loc_batch is not None:
-        candidates.append(pa.array([loc_batch] * n, pa.string()))
-    meta_batch = _text(t, "Metadata_Batch")
-    if meta_batch is not None:
-        candidates.append(pc.if_else(pc.equal(meta_batch, ""), pa.scalar(None, pa.string()), meta_batch))
-    if path_batch is not None:
-        candidates.append(path_batch)
-    batch = pc.coalesce(*candidates) if candidates else pa.nulls(n, pa.string())
+    batch, batch_from = _batch_column(t, uri, n, loc_batch, path_batch, cfg.default_batch)
     reasons.add_mask(pc.is_null(batch), NO_BATCH)
 
     # Filters first: a row outside the selection is counted as not selected, whatever else is wrong with it.
@@ -264,7 +287,7 @@ def _process_csv(
     order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in ("batch", "plate", "well", "site", "row")])
     if not np.array_equal(order.to_numpy(), np.arange(table.num_rows)):
         table = table.take(order)
-    return table, exclusions, not_selected
+    return table, exclusions, not_selected, batch_from
 
 
 def gather_load_data(cfg: DataConfig, channels: Sequence[str], csvs: Sequence[str]) -> Gathered:
@@ -298,17 +321,21 @@ def gather_load_data(cfg: DataConfig, channels: Sequence[str], csvs: Sequence[st
         with cpu_slots:
             t, header = _read_csv(uri, data, wanted)
             del data
-            table, excl, ns = _process_csv(t, header, uri, src, cfg, channels)
-        return t.num_rows, table, excl, ns
+            table, excl, ns, batch_from = _process_csv(t, header, uri, src, cfg, channels)
+        return t.num_rows, table, excl, ns, batch_from
 
-    results = storage.map_parallel(one, list(enumerate(chosen)), max_workers=cfg.list_workers)
+    with Progress("discover: load_data CSVs", total=len(chosen), unit="csv") as bar:
+        results = storage.map_parallel(bar.counted(one), list(enumerate(chosen)), max_workers=cfg.list_workers)
     tables, exclusions, rows_read = [], [], 0
-    for n, table, excl, ns in results:
+    batch_from = Counter()
+    for n, table, excl, ns, bf in results:
+        batch_from.update(bf)
         rows_read += n
         tables.append(table)
         exclusions.extend(excl)
         not_selected.update(ns)
     schema = candidate_schema(channels)
     table = pa.concat_tables(tables) if tables else schema.empty_table()
-    inputs = {"csv_files": list(chosen), "csv_not_selected": csv_not_selected}
+    # rows read per source of their batch (see _batch_column)
+    inputs = {"csv_files": list(chosen), "csv_not_selected": csv_not_selected, "batch_from": dict(batch_from)}
     return Gathered(table, list(chosen), exclusions, not_selected, rows_read, inputs)

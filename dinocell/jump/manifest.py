@@ -1,7 +1,10 @@
 """The field manifest: one row per field (site) with the URI of every channel, written as zstd Parquet.
 
 Columns: field_id, batch, plate, well, site (int32), split ("train" | "val"), then `uri_<Channel>` for every channel and
-`illum_<Channel>` (the plate's illumination function, "" when none). The channel list is kept in the schema metadata.
+`illum_<Channel>` (the plate's illumination function, "" when none), then the plate-map metadata of the field's well:
+`perturbation` (pert_iname, else broad_sample; "DMSO" for DMSO wells), `control_type` ("negcon", "poscon" or "" for
+treatments) and `target` ("" when unknown or for controls). The channel list is kept in the schema metadata. Manifests
+written before the metadata columns existed still load: the columns are filled with "".
 A 3M-field manifest is 27 MB on disk and loads in seconds (bench/bench_discovery.py); in memory the per-field URI
 columns dominate (about 0.3 GB per channel column at 3M fields).
 """
@@ -14,6 +17,7 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -23,6 +27,8 @@ MANIFEST_VERSION = "1"
 _META_CHANNELS = b"dinocell.channels"
 _META_VERSION = b"dinocell.manifest_version"
 BASE_COLUMNS = ("field_id", "batch", "plate", "well", "site", "split")
+METADATA_COLUMNS = ("perturbation", "control_type", "target")  # optional: "" when unknown
+CONTROL_TYPES = ("negcon", "poscon", "")
 
 
 def make_field_id(batch: str, plate: str, well: str, site: int | str) -> str:
@@ -39,6 +45,9 @@ class FieldRecord:
     split: str
     uris: dict[str, str]  # channel name -> image URI
     illum: dict[str, str] = field(default_factory=dict)  # channel name -> illum .npy URI ("" or absent: none)
+    perturbation: str = ""  # plate-map metadata of the well (see the module docstring)
+    control_type: str = ""  # "negcon" | "poscon" | ""
+    target: str = ""
 
 
 def assign_splits(plates: Iterable[str], val_plates: Sequence[str] = (), val_fraction: float = 0.1, seed: int = 0) -> dict:
@@ -72,6 +81,10 @@ class Manifest:
         missing += [f"uri_{c}" for c in self.channels if f"uri_{c}" not in table.column_names]
         if missing:
             raise ValueError(f"manifest is missing columns: {missing}")
+        for name in METADATA_COLUMNS:  # older manifests have none: "" everywhere
+            if name not in table.column_names:
+                empty = pa.DictionaryArray.from_arrays(pa.array(np.zeros(table.num_rows, np.int32)), pa.array([""]))
+                table = table.append_column(name, empty)
         self.table = table
 
     # ------------------------------------------------------------------ build
@@ -81,6 +94,8 @@ class Manifest:
         for c in channels:
             cols[f"uri_{c}"] = []
             cols[f"illum_{c}"] = []
+        for c in METADATA_COLUMNS:
+            cols[c] = []
         for r in records:
             cols["field_id"].append(r.field_id)
             cols["batch"].append(r.batch)
@@ -91,6 +106,8 @@ class Manifest:
             for c in channels:
                 cols[f"uri_{c}"].append(r.uris[c])
                 cols[f"illum_{c}"].append(r.illum.get(c, ""))
+            for c in METADATA_COLUMNS:
+                cols[c].append(getattr(r, c))
         return cls.from_columns(cols, channels)
 
     @classmethod
@@ -100,7 +117,7 @@ class Manifest:
         for name, values in cols.items():
             if name == "site":
                 arrays[name] = pa.array(values, type=pa.int32())
-            elif name in ("batch", "plate", "split") or name.startswith("illum_"):
+            elif name in ("batch", "plate", "split", *METADATA_COLUMNS) or name.startswith("illum_"):
                 # Few distinct values (illum URIs repeat per plate): dictionary-encoded in memory and on disk.
                 arrays[name] = pa.array(values, type=pa.string()).dictionary_encode()
             else:
@@ -166,6 +183,9 @@ class Manifest:
             split=row["split"],
             uris={c: row[f"uri_{c}"] for c in self.channels},
             illum={c: row.get(f"illum_{c}") or "" for c in self.channels if row.get(f"illum_{c}")},
+            perturbation=row["perturbation"] or "",
+            control_type=row["control_type"] or "",
+            target=row["target"] or "",
         )
 
     def take(self, indices: Sequence[int]) -> "Manifest":
@@ -186,6 +206,7 @@ class Manifest:
             raise ValueError(f"channels {missing} are not in the manifest (it has {self.channels})")
         keep = list(BASE_COLUMNS) + [f"uri_{c}" for c in channels]
         keep += [f"illum_{c}" for c in channels if f"illum_{c}" in self.table.column_names]
+        keep += list(METADATA_COLUMNS)
         return Manifest(self.table.select(keep), channels)
 
     def plates(self) -> list[str]:

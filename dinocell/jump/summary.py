@@ -11,7 +11,8 @@ from dinocell.jump.manifest import Manifest
 
 
 def build_summary(
-    cfg, channels, mode, g: Gathered, manifest: Manifest, per_plate, exclusions, not_selected, split_of, illum_status
+    cfg, channels, mode, g: Gathered, manifest: Manifest, per_plate, exclusions, not_selected, split_of, illum_status,
+    plate_maps=None,
 ) -> dict:
     per_batch = {b: sum(v.values()) for b, v in per_plate.items()}
     per_split = {"train": 0, "val": 0}
@@ -38,6 +39,7 @@ def build_summary(
         "filters": {"batches": list(cfg.batches), "plates": list(cfg.plates), "max_fields": cfg.max_fields},
         "not_selected": dict(not_selected),
         "illum_plates": dict(illum_status),
+        "plate_maps": plate_maps or {},
         "excluded_total": len(exclusions),
         "excluded_by_reason": dict(sorted(by_reason.items())),
         "excluded": [e.to_dict() for e in exclusions],
@@ -80,6 +82,21 @@ def format_summary(summary: dict, max_exclusions: int = 20) -> str:
         lines.append(
             "illumination files per plate: " + ", ".join(f"{k} {v}" for k, v in summary["illum_plates"].items())
         )
+    pm = summary.get("plate_maps")
+    if pm:
+        per = pm["fields_per_control_type"]
+        lines.append(
+            f"plate maps ({pm['source']}): {pm['plates_with_map']} of {pm['plates']} plate(s) mapped, "
+            f"{pm['perturbations']} perturbation(s); fields: {per['negcon']:,} negcon, {per['poscon']:,} poscon, "
+            f"{per['treatment']:,} treatment, {per['unannotated']:,} without an entry"
+        )
+        for plate, why in list(pm["plates_without_map_reasons"].items())[:max_exclusions]:
+            lines.append(f"  no plate map for {plate}: {why}")
+        if pm["wells_without_entry"]:
+            shown = ", ".join(pm["wells_without_entry_examples"])
+            lines.append(f"  {pm['wells_without_entry']:,} well(s) missing from their plate map: {shown}")
+        if pm["unknown_control_types"]:
+            lines.append(f"  control_type values not understood (left empty): {pm['unknown_control_types']}")
     if summary["excluded_by_reason"]:
         lines.append("excluded by reason:")
         width = max(len(k) for k in summary["excluded_by_reason"])

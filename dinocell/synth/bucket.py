@@ -5,11 +5,15 @@
     <source_root>/workspace/load_data_csv/<BATCH>/<BARCODE>/load_data.csv
     <source_root>/workspace/load_data_csv/<BATCH>/<BARCODE>/load_data_with_illum.csv     (with_illum)
     <source_root>/workspace/metadata/platemaps/<BATCH>/barcode_platemap.csv + platemap/<NAME>.txt
+    <source_root>/workspace/metadata/external_metadata/<NAME>_metadata.tsv
 
 `synth_bucket` runs it; the parts:
-- dinocell.synth.plan: names, plate phenotypes, vignetting, wells and treatments, all from the seed (`SynthPlan`);
+- dinocell.synth.plan: names, plate phenotypes, vignetting, wells and the plate map, all from the seed (`SynthPlan`),
+  with dinocell.synth.perturbations (layout, targets, effects) and dinocell.synth.nuisance (batch, plate and
+  well-position effects);
 - dinocell.synth.images: rendering and writing each field's 8 TIFFs, the illumination functions;
-- dinocell.synth.csvs: the load_data CSVs (url or filename form, stale-prefix override) and the plate maps;
+- dinocell.synth.csvs: the load_data CSVs (url or filename form, stale-prefix override);
+- dinocell.synth.platemaps: the plate maps and the perturbation metadata (JUMP-Target-1 layout);
 - dinocell.synth.faults: the faults (`SynthFaults`), planted deterministically and listed exactly in
   `SynthReport.faults`.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -26,7 +31,7 @@ import numpy as np
 from dinocell import storage
 from dinocell.channels import ALL_CHANNELS
 from dinocell.jump import layout
-from dinocell.synth.csvs import Addresser, load_data_columns, load_data_csv, platemap_objects
+from dinocell.synth.csvs import Addresser, load_data_columns, load_data_csv
 from dinocell.synth.faults import FAULT_KINDS, PlantedFault, SynthFaults, plan_image_faults, plant_stray_files
 from dinocell.synth.images import encode_npy, encode_tiff, illum_function, write_field
 from dinocell.synth.plan import (
@@ -37,6 +42,7 @@ from dinocell.synth.plan import (
     batch_names,
     plan_bucket,
 )
+from dinocell.synth.platemaps import PLATEMAP_NAME, external_metadata_object, platemap_objects
 
 __all__ = [
     "REAL_SOURCE4_BATCHES",
@@ -73,12 +79,21 @@ class SynthReport:
     load_data_with_illum_uris: list[str] = field(default_factory=list)
     illum_uris: list[str] = field(default_factory=list)
     platemap_uris: list[str] = field(default_factory=list)
+    external_metadata_uris: list[str] = field(default_factory=list)
+    platemap_name: str = PLATEMAP_NAME
+    # The plate map's truth per (plate, well) written: batch, plate, well, perturbation, broad_sample, target,
+    # control_type ("negcon" / "poscon" / ""), pert_type ("control" / "trt"); see SynthPlan.well_truth.
+    wells: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
     def faults_of(self, kind: str) -> list[PlantedFault]:
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
         return [f for f in self.faults if f.kind == kind]
+
+    def truth(self) -> dict[tuple[str, str], dict]:
+        """(plate, well) -> that well's entry of `wells`."""
+        return {(w["plate"], w["well"]): w for w in self.wells}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -89,10 +104,18 @@ class SynthReport:
         counts = {k: len(self.faults_of(k)) for k in FAULT_KINDS}
         faults = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "none"
         rate = self.n_fields / self.seconds if self.seconds > 0 else float("nan")
+        first = [w for w in self.wells if w["plate"] == self.wells[0]["plate"]] if self.wells else []
+        kinds = Counter(w["control_type"] for w in first)
+        treated = {w["perturbation"] for w in first if not w["control_type"]}
+        targets = {w["target"] for w in first if w["target"] and not w["control_type"]}
+        layout_text = (
+            f"plate map {kinds['negcon']} DMSO + {kinds['poscon']} poscon + {kinds['']} treated wells "
+            f"({len(treated)} perturbations, {len(targets)} targets) per plate"
+        )
         return (
             f"synth: {self.n_batches} batches, {self.n_plates} plates, {self.n_wells} wells, {self.n_fields} fields, "
             f"{self.n_images} images ({self.size}x{self.size}, {self.image_bytes / 1e6:.1f} MB), "
-            f"{self.n_bytes / 1e6:.1f} MB in all, csv form {self.csv_form!r}, faults: {faults}; "
+            f"{self.n_bytes / 1e6:.1f} MB in all, csv form {self.csv_form!r}, {layout_text}, faults: {faults}; "
             f"{self.seconds:.1f} s ({rate:.1f} fields/s) -> {self.source_root}"
         )
 
@@ -114,14 +137,20 @@ def synth_bucket(
     faults: SynthFaults | None = None,
     workers: int = 8,
     url_prefix_override: str | None = None,
-    treatments: int = 4,
+    perturbations: int | None = None,
+    replicates: int = 2,
+    negcon_wells: int | None = None,
+    poscon: int = 0,
+    targets: int | None = None,
 ) -> SynthReport:
     """Write a synthetic JUMP-layout bucket under `source_root` and report what was written.
 
     source_root: local directory (or file:// path) or s3:// prefix standing for `<bucket>/cpg0000-jump-pilot/source_4`.
     batches: number of batches (named like the real source_4 batches).
     plates_per_batch: plates in each batch (barcodes BR0011xxxx, one acquisition timestamp each).
-    wells_per_plate: wells per plate (same positions on every plate, spread over a 384-well plate).
+    wells_per_plate: wells per plate (same positions on every plate, spread over a 384-well plate). It must hold the
+        layout: negcon_wells + (perturbations + poscon) x replicates; left-over wells become more DMSO wells. A
+        layout for profiling: 24 wells -> by default 4 DMSO wells + 10 perturbations x 2 replicates on 5 targets.
     sites_per_well: fields per well (f01..).
     size: image width = height in pixels (1080 like CPJUMP1; smaller sizes show a binned field, see synth_cells).
     seed: everything (names, phenotypes, pixels) follows from it: same seed, same bytes.
@@ -131,7 +160,16 @@ def synth_bucket(
     workers: threads rendering and writing fields in parallel.
     url_prefix_override: write this root into the CSVs instead of source_root (stale prefix); objects still go to
         source_root.
-    treatments: distinct treatments on the plate map (T00 = control), assigned to wells in a fixed layout.
+    perturbations: treatments on the plate map (SYNTH-P01..., broad_sample BRD-SYNTH-P01...), each on `replicates`
+        wells of every plate with a small effect along its target's direction; None: as many as fit (may be 0 on
+        tiny plates, which are then all DMSO).
+    replicates: wells per perturbation (and per positive control) on each plate, at different positions (>= 2).
+    negcon_wells: DMSO wells per plate (negative controls, >= 1); None: about 1 in 6 wells.
+    poscon: positive controls (SYNTH-POS1..., control_type "poscon") with strong effects, `replicates` wells each.
+    targets: targets shared by the perturbations (round robin: 2-3 perturbations per target by default); None:
+        perturbations // 2 (at least 1 when there are perturbations).
+    The layout, the targets and the effects come from their own seed stream: see dinocell.synth.perturbations;
+    batch, plate and well-position nuisance effects: dinocell.synth.nuisance. `SynthReport.wells` holds the truth.
     """
     t0 = time.perf_counter()
     if csv_form not in ("url", "filename"):
@@ -152,7 +190,11 @@ def synth_bucket(
         plates_per_batch=plates_per_batch,
         wells_per_plate=wells_per_plate,
         sites_per_well=sites_per_well,
-        treatments=treatments,
+        perturbations=perturbations,
+        replicates=replicates,
+        negcon_wells=negcon_wells,
+        poscon=poscon,
+        targets=targets,
         seed=seed,
     )
     all_fields = plan.fields()
@@ -160,6 +202,7 @@ def synth_bucket(
     image_faults = plan_image_faults(all_fields, faults)
     report = SynthReport(source_root=source_root, csv_form=csv_form, size=int(size), seed=seed)
     report.plates = [p.triple for p in plan.plates]
+    report.wells = plan.well_truth()
 
     write = functools.partial(
         write_field, seed=seed, size=size, images_root=images_root, image_faults=image_faults, fault_seed=faults.seed
@@ -171,7 +214,8 @@ def synth_bucket(
         report.faults.extend(planted)
     report.n_bytes = report.image_bytes
 
-    # Per plate: illum functions, load_data CSVs; per batch: plate maps. Small objects, written in parallel.
+    # Per plate: illum functions, load_data CSVs; per batch: plate maps; once: the perturbation metadata. Small objects,
+    # written in parallel.
     small: list[tuple[str, bytes]] = []
     addr = Addresser(source_root, csv_form, url_prefix_override)
     by_plate: dict[tuple[str, str], list[SynthField]] = {}
@@ -193,6 +237,9 @@ def synth_bucket(
         maps = platemap_objects(plan, batch, source_root)
         small += maps
         report.platemap_uris += [uri for uri, _ in maps]
+    meta_uri, meta = external_metadata_object(plan, source_root)
+    small.append((meta_uri, meta))
+    report.external_metadata_uris.append(meta_uri)
     for uri, data, planted in plant_stray_files(plan, by_plate, images_root, faults):
         small.append((uri, data))
         report.faults.append(planted)

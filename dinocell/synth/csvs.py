@@ -1,4 +1,5 @@
-"""The CSVs of a synthetic bucket: load_data.csv (+ load_data_with_illum.csv) per plate and the plate maps per batch.
+"""The load_data CSVs of a synthetic bucket: load_data.csv (+ load_data_with_illum.csv) per plate (the plate maps:
+dinocell.synth.platemaps).
 
 What the load_data columns hold:
 - csv_form="url" (current form): `URL_Orig<Ch>` full URLs; `s3://...` for an S3 root, `file://` + absolute path for a
@@ -7,9 +8,6 @@ What the load_data columns hold:
   prefix for an S3 root, a plain absolute directory for a local one. The illum variant adds FileName/PathName_Illum<Ch>.
 - `url_prefix_override` replaces the source root in every URL/PathName (stale-prefix simulation), e.g.
   `s3://old-bucket/projects/cpg0000-jump-pilot/source_4`; the objects are still written under `source_root`.
-
-The plate maps: `workspace/metadata/platemaps/<BATCH>/barcode_platemap.csv` (every plate of the batch -> one map) and
-`platemap/<NAME>.txt` (well -> SYNTH-T<t>, T00 = control).
 """
 
 from __future__ import annotations
@@ -22,16 +20,14 @@ from dinocell import storage
 from dinocell.channels import ALL_CHANNELS
 from dinocell.jump import layout
 from dinocell.synth.cells import zoom_for_size
-from dinocell.synth.plan import SynthField, SynthPlan
+from dinocell.synth.plan import SynthField
 
 __all__ = [
     "CHANNEL_DYES",
     "PIXEL_SIZE_M",
-    "PLATEMAP_NAME",
     "Addresser",
     "load_data_columns",
     "load_data_csv",
-    "platemap_objects",
 ]
 
 # Metadata_ChannelName as the Phenix export names the dye (fixture load_data.csv). The three brightfield planes get
@@ -47,7 +43,6 @@ CHANNEL_DYES = {
     "Brightfield": "Brightfield",
 }
 PIXEL_SIZE_M = 5.979760809567617e-07  # fixture Metadata_ImageResolutionX
-PLATEMAP_NAME = "SYNTH-PLATEMAP-1"
 
 
 def _rel_image_key(batch: str, plate_dir: str, filename: str) -> str:
@@ -161,18 +156,3 @@ def load_data_csv(fields: Sequence[SynthField], size: int, csv_form: str, with_i
     """One plate's load_data.csv (with_illum: load_data_with_illum.csv): a row per field, in the given order."""
     rows = [_csv_row(f, size, csv_form, with_illum, addr) for f in fields]
     return _csv_text(rows, load_data_columns(csv_form, with_illum)).encode()
-
-
-def platemap_objects(plan: SynthPlan, batch: str, source_root: str) -> list[tuple[str, bytes]]:
-    """A batch's barcode_platemap.csv and its plate map, as (uri, bytes)."""
-    pm_root = storage.join(source_root, "workspace", "metadata", "platemaps", batch)
-    barcodes = [p.barcode for p in plan.plates if p.batch == batch]
-    text = "Assay_Plate_Barcode,Plate_Map_Name\n" + "".join(f"{b},{PLATEMAP_NAME}\n" for b in barcodes)
-    lines = ["plate_map_name\twell_position\tbroad_sample\tpert_type"]
-    for r, c in plan.wells:
-        t = plan.treatment_of_well[layout.well_name(r, c)]
-        lines.append(f"{PLATEMAP_NAME}\t{layout.well_name(r, c)}\tSYNTH-T{t:02d}\t{'control' if t == 0 else 'trt'}")
-    return [
-        (storage.join(pm_root, "barcode_platemap.csv"), text.encode()),
-        (storage.join(pm_root, "platemap", f"{PLATEMAP_NAME}.txt"), ("\n".join(lines) + "\n").encode()),
-    ]

@@ -1,13 +1,15 @@
 """The plan of a synthetic bucket (`dinocell synth`): batch and plate names, plate phenotypes, vignetting, wells and
-treatments, all decided up front from the seed with no I/O; rendering then needs only each field's seed.
+the perturbation in each well, all decided up front from the seed with no I/O; rendering then needs only each field's
+seed.
 
-Ground truth for evaluation: wells carry treatments from a plate map (same layout on every plate of the run, as in
-JUMP); treatment T00 is the untreated control. Plates differ in a "plate phenotype" (density, cell size, elongation
-spread evenly over their ranges) and treatments move the phenotype further, so fields of different plates and of
-different treatments differ measurably.
+Ground truth for evaluation: plates differ in a "plate phenotype" (density, cell size, elongation spread evenly over
+their ranges, plus per-plate and per-batch brightness per channel); the plate map (dinocell.synth.perturbations, the
+same layout on every plate, as in JUMP) puts DMSO negative controls, optional positive controls and replicated
+treatments that share targets in the wells; well-position effects (dinocell.synth.nuisance) come on top. A field's
+phenotype = plate phenotype, then its perturbation's effect, then its well's position effects.
 
-Seeds: every purpose draws from its own stream (`seeded_rng(seed, TAG_..., ...)`), so changing one part of a run
-leaves the others alone.
+Seeds: every purpose draws from its own stream (`seeded_rng(seed, TAG_..., ...)`, dinocell.synth.seeds), so changing
+one part of a run leaves the others alone: the layout and effects (TAG_LAYOUT) do not move the plates (TAG_PLAN).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import numpy as np
 from dinocell.channels import ALL_CHANNELS, FLUORESCENT_CHANNELS
 from dinocell.jump import layout
 from dinocell.synth.cells import Phenotype, VignetteParams
+from dinocell.synth.nuisance import batch_brightness, well_effects
+from dinocell.synth.perturbations import Perturbation, PlateLayout, apply_effect, layout_counts, plan_layout
+from dinocell.synth.seeds import TAG_FAULTS, TAG_FIELD, TAG_LAYOUT, TAG_NUISANCE, TAG_PLAN, TAG_STRAY, seeded_rng
 
 __all__ = [
     "PLATE_COLS",
@@ -27,6 +32,8 @@ __all__ = [
     "REAL_SOURCE4_BATCHES",
     "TAG_FAULTS",
     "TAG_FIELD",
+    "TAG_LAYOUT",
+    "TAG_NUISANCE",
     "TAG_PLAN",
     "TAG_STRAY",
     "SynthField",
@@ -49,8 +56,6 @@ REAL_SOURCE4_BATCHES = (
 
 PLATE_ROWS, PLATE_COLS = 16, 24  # 384-well plates
 
-# Seed-stream tags: each purpose draws from its own stream, so changing one part of a run leaves the others alone.
-TAG_PLAN, TAG_FIELD, TAG_FAULTS, TAG_STRAY = 101, 202, 303, 404
 
 
 # --------------------------------------------------------------------------- records
@@ -64,8 +69,9 @@ class SynthPlate:
     timestamp: str
     batch_index: int
     plate_index: int  # within its batch
-    phenotype: Phenotype  # the plate's base phenotype (before treatments)
+    phenotype: Phenotype  # the plate's phenotype, plate and batch brightness included (before perturbations)
     vignette: tuple[tuple[str, VignetteParams], ...]  # per channel
+    batch_brightness: tuple[tuple[str, float], ...] = ()  # the batch's multiplier per channel (in `phenotype` already)
 
     @property
     def triple(self) -> tuple[str, str, str]:
@@ -81,8 +87,8 @@ class SynthField:
     row: int
     col: int
     site: int
-    treatment: int
-    phenotype: Phenotype
+    perturbation: Perturbation
+    phenotype: Phenotype  # plate phenotype + perturbation effect + well-position effects
 
     @property
     def well(self) -> str:
@@ -98,33 +104,39 @@ class SynthPlan:
 
     plates: tuple[SynthPlate, ...]
     wells: tuple[tuple[int, int], ...]  # (row, col), the same positions on every plate
-    treatment_of_well: dict  # well name -> treatment id (0 = control)
-    treatment_effects: tuple[dict, ...]  # per treatment: multiplicative / additive changes to the phenotype
+    layout: PlateLayout  # the plate map: perturbation per well, the same on every plate
     sites_per_well: int
     seed: int
+
+    def perturbation(self, well: str) -> Perturbation:
+        return self.layout.perturbation(well)
 
     def fields(self) -> list[SynthField]:
         out = []
         for plate in self.plates:
             for row, col in self.wells:
-                well = layout.well_name(row, col)
-                t = self.treatment_of_well[well]
-                ph = _apply_treatment(plate.phenotype, self.treatment_effects[t], self._well_jitter(plate, row, col))
+                pert = self.layout.perturbation(layout.well_name(row, col))
+                ph = apply_effect(plate.phenotype, pert.effect)
+                key = (plate.batch_index, plate.plate_index)
+                ph = well_effects(ph, self.seed, key, row, col, PLATE_ROWS, PLATE_COLS).clamped()
                 for site in range(1, self.sites_per_well + 1):
-                    out.append(SynthField(plate, row, col, site, t, ph))
+                    out.append(SynthField(plate, row, col, site, pert, ph))
         return out
 
-    def _well_jitter(self, plate: SynthPlate, row: int, col: int) -> float:
-        # Small well-to-well density noise (edge effects, pipetting) that no treatment explains.
-        rng = seeded_rng(self.seed, TAG_PLAN, 7, plate.batch_index, plate.plate_index, row, col)
-        return float(np.exp(rng.normal(0.0, 0.05)))
+    def well_truth(self) -> list[dict]:
+        """What the plate map says about every (plate, well) written: the truth discovery should report."""
+        out = []
+        for plate in self.plates:
+            for row, col in self.wells:
+                well = layout.well_name(row, col)
+                p = self.layout.perturbation(well)
+                out.append({"batch": plate.batch, "plate": plate.barcode, "well": well, "perturbation": p.name,
+                            "broad_sample": p.broad_sample, "target": p.target, "control_type": p.control_type,
+                            "pert_type": p.pert_type})  # fmt: skip
+        return out
 
 
 # --------------------------------------------------------------------------- planning
-
-
-def seeded_rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
 
 
 def batch_names(n: int) -> list[str]:
@@ -148,38 +160,6 @@ def _spread(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarra
     return centres[rng.permutation(n)]
 
 
-def _treatment_effects(rng: np.random.Generator, n: int) -> tuple[dict, ...]:
-    effects = [{}]  # T00: the control
-    for _ in range(1, n):
-        effects.append(
-            {
-                "density": float(np.exp(rng.normal(0.0, 0.3))),
-                "cell_radius": float(np.exp(rng.normal(0.0, 0.15))),
-                "elongation": float(rng.normal(0.0, 0.35)),  # additive
-                "nucleus_fraction": float(np.exp(rng.normal(0.0, 0.12))),
-                "irregularity": float(rng.normal(0.0, 0.08)),  # additive
-                "er_texture": float(rng.normal(0.0, 0.25)),  # additive
-                "mito_filaments": float(rng.normal(0.0, 0.3)),  # additive
-                "rna_nucleoli": float(rng.normal(0.0, 0.8)),  # additive
-                "agp_fibres": float(rng.normal(0.0, 0.25)),  # additive
-                "brightness_mito": float(np.exp(rng.normal(0.0, 0.25))),
-                "brightness_agp": float(np.exp(rng.normal(0.0, 0.2))),
-            }
-        )
-    return tuple(effects)
-
-
-_MULTIPLICATIVE = {"density", "cell_radius", "nucleus_fraction", "brightness_mito", "brightness_agp"}
-
-
-def _apply_treatment(base: Phenotype, effect: dict, density_jitter: float = 1.0) -> Phenotype:
-    vals = base.to_dict()
-    for k, v in effect.items():
-        vals[k] = vals[k] * v if k in _MULTIPLICATIVE else vals[k] + v
-    vals["density"] *= density_jitter
-    return Phenotype(**vals).clamped()
-
-
 def _choose_wells(rng: np.random.Generator, n: int) -> tuple[tuple[int, int], ...]:
     idx = np.sort(rng.choice(PLATE_ROWS * PLATE_COLS, size=n, replace=False))
     return tuple((int(i) // PLATE_COLS + 1, int(i) % PLATE_COLS + 1) for i in idx)
@@ -191,19 +171,23 @@ def plan_bucket(
     plates_per_batch: int = 2,
     wells_per_plate: int = 4,
     sites_per_well: int = 2,
-    treatments: int = 4,
+    perturbations: int | None = None,
+    replicates: int = 2,
+    negcon_wells: int | None = None,
+    poscon: int = 0,
+    targets: int | None = None,
     seed: int = 0,
 ) -> SynthPlan:
-    """Decide names, plate phenotypes, vignetting, well positions and treatments (no I/O). See `synth_bucket`."""
+    """Decide names, plate phenotypes, vignetting, well positions and the plate map (no I/O). See `synth_bucket`."""
     for name, v, lo, hi in (
         ("batches", batches, 1, 1000),
         ("plates_per_batch", plates_per_batch, 1, 1000),
         ("wells_per_plate", wells_per_plate, 1, PLATE_ROWS * PLATE_COLS),
         ("sites_per_well", sites_per_well, 1, 99),
-        ("treatments", treatments, 1, PLATE_ROWS * PLATE_COLS),
     ):
-        if not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not lo <= v <= hi:
             raise ValueError(f"synth: {name} must be an integer in [{lo}, {hi}], got {v!r}")
+    n_pert, n_neg, n_pos, n_tgt = layout_counts(wells_per_plate, perturbations, replicates, negcon_wells, poscon, targets)
     rng = seeded_rng(seed, TAG_PLAN)
     n_plates = batches * plates_per_batch
     if n_plates > 9000:
@@ -214,6 +198,7 @@ def plan_bucket(
     elong = _spread(rng, n_plates, 1.1, 2.2)
     plates = []
     for b, batch in enumerate(batch_names(batches)):
+        batch_light = batch_brightness(seed, b)
         # Vignetting belongs to the microscope: one base per batch, a small change per plate.
         vrng = seeded_rng(seed, TAG_PLAN, 1, b)
         vbase = {
@@ -259,12 +244,20 @@ def plan_bucket(
                 agp_edges=prng.uniform(0.4, 0.9),
                 agp_fibres=prng.uniform(0.2, 0.8),
                 mito_filaments=prng.uniform(0.2, 0.8),
-                **{f"brightness_{ch.lower()}": float(np.exp(prng.normal(0.0, 0.15))) for ch in FLUORESCENT_CHANNELS},
+                # the plate's own brightness per channel times its batch's
+                **{
+                    f"brightness_{ch.lower()}": float(np.exp(prng.normal(0.0, 0.15))) * batch_light[ch]
+                    for ch in FLUORESCENT_CHANNELS
+                },
             ).clamped()
             plate_dir = layout.plate_dir_name(barcodes[g], timestamp, 1)
-            plates.append(SynthPlate(batch, barcodes[g], plate_dir, timestamp, b, p, ph, tuple(vig)))
-    wells = _choose_wells(rng, wells_per_plate)
-    order = [k % treatments for k in range(wells_per_plate)]
-    rng.shuffle(order)
-    treatment_of_well = {layout.well_name(r, c): int(t) for (r, c), t in zip(wells, order)}
-    return SynthPlan(tuple(plates), wells, treatment_of_well, _treatment_effects(rng, treatments), sites_per_well, seed)
+            plates.append(
+                SynthPlate(batch, barcodes[g], plate_dir, timestamp, b, p, ph, tuple(vig), tuple(batch_light.items()))
+            )
+    # The plate map (positions and what is in them) has its own stream: the same whatever the number of plates.
+    wells = _choose_wells(seeded_rng(seed, TAG_LAYOUT, 0), wells_per_plate)
+    plate_map = plan_layout(
+        seeded_rng(seed, TAG_LAYOUT, 1), wells, perturbations=n_pert, replicates=replicates, negcon_wells=n_neg,
+        poscon=n_pos, targets=n_tgt,
+    )  # fmt: skip
+    return SynthPlan(tuple(plates), wells, plate_map, sites_per_well, seed)
