@@ -102,7 +102,8 @@ def test_identical_views_distinct_fields():
     assert (ret["top1"] == 1.0).all() and (ret["mrr"] == 1.0).all()
     s = summary(embs)
     assert s["same_field"] == pytest.approx(1.0) and s["top1"] == 1.0 and s["mrr"] == 1.0
-    assert s["different_field"] == pytest.approx(ref_diff[~np.eye(6, dtype=bool)].mean())
+    channels = ref_diff[1:, 1:]  # the headline: fluorescent channel pairs, the mean view (row/column 0) excluded
+    assert s["different_field"] == pytest.approx(channels[~np.eye(5, dtype=bool)].mean())
     assert s["gap"] > 0.5
     assert s["chance_top1"] == pytest.approx(1 / 7) and s["n_fields"] == 7
     json.dumps(s)  # JSON-ready
@@ -122,6 +123,25 @@ def test_collapsed_embedding_is_caught():
     assert s["top1"] == 0.0 and s["top1"] <= s["chance_top1"]
     assert s["mrr"] == pytest.approx(1 / b)
     assert s["chance_mrr"] == pytest.approx(sum(1 / k for k in range(1, b + 1)) / b)
+
+
+def test_summary_keeps_the_mean_view_apart():
+    """Channels that match perfectly and a mean view that matches nothing: the headline is the channel pairs'
+    (top-1 1), the mean view's own numbers sit in mean_vs_channel (top-1 averaged over both query directions)."""
+    b = 8
+    fields = torch.eye(b, 16)
+    views = {v: fields.clone() for v in FLUO}
+    views = {"mean": torch.roll(fields, 1, dims=0), **views}  # field a's mean view looks like field a-1
+    s = summary(_embs(views))
+    assert s["summary_views"] == FLUO and s["top1"] == 1.0 and s["gap"] == pytest.approx(1.0)
+    m = s["mean_vs_channel"]
+    assert m["views"] == ["mean"] and m["against"] == FLUO
+    assert m["top1"] == 0.0 and m["same_field"] == pytest.approx(0.0)
+    assert s["top1_all_views"] < 1.0  # the old all-views average would have mixed the two
+    with pytest.raises(ValueError, match="disjoint"):
+        from dinocell.monitor.consistency import view_group
+
+        view_group({}, ["DNA"], ["DNA"], ["DNA"], b)
 
 
 def test_ties_are_pessimistic_hand_computed():
@@ -187,7 +207,8 @@ def test_embed_views_with_real_vit():
     torch.testing.assert_close(whole["DNA"]["cls"], ref["x_norm_clstoken"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(whole["DNA"]["patch_mean"], ref["x_norm_patchtokens"].mean(1), atol=1e-5, rtol=1e-5)
     s = summary(out)
-    assert s["summary_views"] == ["mean"] + FLUO and "same_field_all_views" in s
+    assert s["summary_views"] == FLUO and "same_field_all_views" in s  # channel pairs: the mean view apart
+    assert s["mean_vs_channel"]["views"] == ["mean"] and s["mean_vs_channel"]["against"] == FLUO
     assert all(math.isfinite(s[k]) for k in ("same_field", "different_field", "gap", "top1", "mrr"))
 
 

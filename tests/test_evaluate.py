@@ -8,6 +8,7 @@ backbone can match a field's channels while a manifest whose channels were joine
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
 from types import SimpleNamespace
@@ -115,9 +116,9 @@ def good_checkpoint(tmp_path_factory):
     return SimpleNamespace(path=str(path), cfg=cfg)
 
 
-def _row(result, model="checkpoint", embedding="patch_mean", views="fluorescent") -> dict:
+def _row(result, model="checkpoint", embedding="patch_mean", views="fluorescent", sampling="independent") -> dict:
     [row] = [r for r in result.metrics["table"]
-             if (r["model"], r["embedding"], r["views"]) == (model, embedding, views)]
+             if (r["sampling"], r["model_id"], r["embedding"], r["views"]) == (sampling, model, embedding, views)]
     return row
 
 
@@ -132,32 +133,34 @@ def test_collapsed_model_scores_high_similarity_but_chance_retrieval(fields, tmp
         backbone.norm.bias.copy_(torch.linspace(-1, 1, backbone.embed_dim))
     torch.save(_training_checkpoint(cfg, backbone), tmp_path / "collapsed.pt")
     result = evaluate(str(tmp_path / "collapsed.pt"), fields.manifest, cfg, str(tmp_path / "out"), baseline="none",
-                      visuals=False)
-    for embedding in ("cls", "patch_mean"):
-        for views in ("fluorescent", "brightfield-fluorescent"):
-            row = _row(result, embedding=embedding, views=views)
-            assert row["same_field"] == pytest.approx(1.0, abs=1e-6)  # the seed's single number looks perfect...
-            assert row["different_field"] == pytest.approx(1.0, abs=1e-6)  # ...but so does every other field
-            assert abs(row["gap"]) < 1e-6
-            assert row["top1"] == 0.0 <= row["chance_top1"]  # all ties, counted against the model
-            assert row["mrr"] == pytest.approx(1.0 / N_VAL)
+                      visuals=False, pixel_baselines=False)
+    for embedding, views, sampling in itertools.product(("cls", "patch_mean"), ("fluorescent", "mean-channel",
+                                                        "brightfield-fluorescent"), ("independent", "aligned")):
+        row = _row(result, embedding=embedding, views=views, sampling=sampling)
+        assert row["same_field"] == pytest.approx(1.0, abs=1e-6)  # the seed's single number looks perfect...
+        assert row["different_field"] == pytest.approx(1.0, abs=1e-6)  # ...but so does every other field
+        assert abs(row["gap"]) < 1e-6
+        assert row["top1"] == 0.0 <= row["chance_top1"]  # all ties, counted against the model
+        assert row["mrr"] == pytest.approx(1.0 / N_VAL)
     assert result.metrics["data"]["n_fields"] == N_VAL
     assert _row(result)["chance_top1"] == pytest.approx(1.0 / N_VAL)
 
 
 def test_channel_shuffled_manifest_is_caught(fields, good_checkpoint, tmp_path):
-    common = {"baseline": "none", "visuals": False}
+    # aligned views: a random-weights ViT matches a field's channels by layout, which is what this test needs
+    common = {"baseline": "none", "visuals": False, "view_mode": "aligned", "pixel_baselines": False}
     aligned = evaluate(good_checkpoint.path, fields.manifest, good_checkpoint.cfg, str(tmp_path / "a"), **common)
     shuffled = evaluate(good_checkpoint.path, fields.shuffled, good_checkpoint.cfg, str(tmp_path / "s"), **common)
     chance = 1.0 / N_VAL
     for embedding in ("cls", "patch_mean"):
-        good, bad = _row(aligned, embedding=embedding), _row(shuffled, embedding=embedding)
+        good = _row(aligned, embedding=embedding, sampling="aligned")
+        bad = _row(shuffled, embedding=embedding, sampling="aligned")
         assert good["top1"] > 0.5 > 10 * chance  # channels of one field find each other
         assert bad["top1"] < 3 * chance  # channels joined to the wrong fields: retrieval drops to chance
         assert good["mrr"] > 2 * bad["mrr"]
         assert good["gap"] > 0.1 and bad["gap"] < good["gap"] / 3
     # the matrices behind the numbers: diagonal 1 (same view, same field), views in order, mean first
-    cls = aligned.metrics["models"]["checkpoint"]["cls"]
+    cls = aligned.metrics["results"]["aligned"]["checkpoint"]["cls"]
     assert cls["labels"] == ["mean", *CHANNELS]
     assert np.allclose(np.diag(cls["same_field"]), 1.0)
 
@@ -172,7 +175,8 @@ def test_select_fields_is_deterministic_and_capped():
 
 def test_fields_of_different_sizes_keep_their_order():
     """Fields are embedded in groups of equal size; the result must come back in evaluation order."""
-    from dinocell.eval.evaluate import EvalFields, _embed
+    from dinocell.eval.evaluate import EvalFields, view_specs
+    from dinocell.eval.models import EvalModel, embed_fields
     from dinocell.monitor.consistency import embed_views
 
     torch.manual_seed(0)
@@ -182,28 +186,37 @@ def test_fields_of_different_sizes_keep_their_order():
     fields = EvalFields(images=images, channels=["DNA", "ER"], field_ids=[str(i) for i in range(5)],
                         plates=["p"] * 5, batches=["b"] * 5, n_available=5, n_selected=5)
     _, info = load_backbone({k: v for k, v in model.state_dict().items()})
-    embs = _embed(model, info, fields, 32, "cpu", batch_size=2)
+    entry = EvalModel("checkpoint", "checkpoint", model, info.norm_mean, info.norm_std, "test", info)
+    embs = embed_fields(entry, fields, 32, "cpu", 2, "aligned")
+    specs = view_specs(fields, seed=1)
+    independent = embed_fields(entry, fields, 32, "cpu", 2, "independent", specs)
     for i, img in enumerate(images):
         one = embed_views(model, torch.from_numpy(img)[None], ["DNA", "ER"], size=32, mean=info.norm_mean,
                           std=info.norm_std)
         for view in ("mean", "DNA", "ER"):
             torch.testing.assert_close(embs[view]["cls"][i], one[view]["cls"][0], atol=1e-5, rtol=1e-5)
+            with torch.no_grad():  # the independent view of field i, rebuilt from its own spec
+                plane = (torch.from_numpy(img).float() / 255 - info.norm_mean) / info.norm_std
+                plane = plane.mean(0) if view == "mean" else plane[["DNA", "ER"].index(view)]
+                ref = model.forward_features(specs[i][view].render(plane, 32)[None, None])["x_norm_clstoken"]
+            torch.testing.assert_close(independent[view]["cls"][i], ref[0], atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- report
 
 
-def _parse_printed_table(text: str) -> list[dict]:
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    start = next(i for i, ln in enumerate(lines) if ln.split()[:3] == ["model", "embedding", "views"])
-    header = lines[start].split()
-    rows = []
+def _printed_cells(text: str) -> list[list[str]]:
+    """The printed table's lines (from its header to its end), cells split at runs of 2+ spaces."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("sampling  "))
+    out = []
     for ln in lines[start + 1:]:
-        cells = ln.split()
-        if len(cells) != len(header) or cells[0] not in ("checkpoint", "baseline"):
+        if not ln.strip():
+            continue
+        if not ln.startswith(("independent views", "aligned views")):
             break
-        rows.append({h: (c if h in ("model", "embedding", "views") else float(c)) for h, c in zip(header, cells)})
-    return rows
+        out.append(re.split(r"\s{2,}", ln.strip()))
+    return out
 
 
 def test_report_files_and_printed_table(fields, good_checkpoint, s3_bucket, capsys, tmp_path_factory):
@@ -219,10 +232,15 @@ def test_report_files_and_printed_table(fields, good_checkpoint, s3_bucket, caps
     names = {o.uri[len(out) + 1:] for o in storage.list_objects(out + "/")}
     assert {"report.html", "metrics.json", "scalars.json", "summary.md"} <= names
     pngs = sorted(n for n in names if n.endswith(".png"))
-    for model in ("checkpoint", "baseline"):
-        for fig in ("same_field_cls", "different_field_patch_mean", "retrieval_top1_cls", "retrieval_mrr_cls",
-                    "pca_scatter_cls", "attention_mean_view", "pca_rgb_mean_view", "attention_all_views_field0"):
-            assert f"figures/{model}_{fig}.png" in pngs
+    for sampling in ("independent", "aligned"):
+        for key in ("cls", "patch_mean"):
+            assert f"figures/matrices_{sampling}_{key}.png" in pngs  # every model side by side
+            for model in ("checkpoint", "initial_weights"):
+                assert f"figures/pca_{sampling}_{model}_{key}.png" in pngs
+    for model in ("checkpoint", "initial_weights"):
+        for fig in ("attention", "pca_rgb"):
+            assert f"figures/{fig}_{model}_views_field0.png" in pngs and f"figures/{fig}_{model}_mean_view.png" in pngs
+    assert not [n for n in pngs if "pixels" in n.split("/")[1].split("_matrices")[0] and "attention" in n]
     for name in pngs:
         assert storage.read_bytes(f"{out}/{name}")[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -233,6 +251,11 @@ def test_report_files_and_printed_table(fields, good_checkpoint, s3_bucket, caps
     assert all(base64.b64decode(e)[:4] == b"\x89PNG" for e in embedded)
     assert not re.search(r"""(src|href)=['"]?(https?:|//|figures/)""", page)
     assert fields.missing_field in page  # the skipped field is named
+    # no temporary paths in the page, except where a skipped field's reason names the file that failed
+    assert str(fields.root) not in re.sub(r"<li>[^<]*gone\.tiff[^<]*</li>", "", page)
+    for label in ("pixels 8x8", "pixels 16x16", "initial weights", "positions only", "Aligned views (layout-solvable)",
+                  "not evidence of learning"):
+        assert label in page
 
     metrics = json.loads(storage.read_bytes(f"{out}/metrics.json"))
     data = metrics["data"]
@@ -242,34 +265,51 @@ def test_report_files_and_printed_table(fields, good_checkpoint, s3_bucket, caps
     assert data["skipped"][0]["field_id"] == fields.missing_field and "gone.tiff" in data["skipped"][0]["reason"]
     assert data["n_plates"] == 4 and data["batches"] == ["B1", "B2"]
     assert metrics["checkpoint"]["iteration"] == 10 and metrics["baseline"]["kind"] == "init"
+    assert len(metrics["view_sampling"]["records"]) == N_VAL - 1
 
-    # the printed table is the JSON's table, to 4 decimals, row for row
-    parsed = _parse_printed_table(printed)
-    assert [(r["model"], r["embedding"], r["views"]) for r in parsed] == [
-        (m, e, v) for m in ("checkpoint", "baseline") for e in ("cls", "patch_mean")
-        for v in ("fluorescent", "brightfield-fluorescent")
+    # the printed table is the JSON's table, to 4 decimals, row for row, with the deltas on the checkpoint rows
+    models = ("checkpoint", "initial_weights", "pixels_8x8", "pixels_16x16", "positions_only")
+    assert [(r["sampling"], r["embedding"], r["views"], r["model_id"]) for r in metrics["table"]] == [
+        (s, e, v, m) for s in ("independent", "aligned") for e in ("cls", "patch_mean")
+        for v in ("fluorescent", "mean-channel", "brightfield-fluorescent") for m in models
     ]
-    for got, want in zip(parsed, metrics["table"]):
-        for key, value in got.items():
-            if isinstance(value, float):
-                assert value == pytest.approx(want[key], abs=5.1e-5), (got, key)
+    printed_rows = _printed_cells(printed)
+    assert len(printed_rows) == len(metrics["table"])
+    deltas = {(c["sampling"], c["embedding"], c["views"], c["metric"]): c for c in metrics["comparison"]}
+    for cells, want in zip(printed_rows, metrics["table"]):
+        assert cells[1:4] == [want["embedding"], want["views"], want["model"]]
+        numbers = [float(c) for c in cells[4:10]]
+        for got, key in zip(numbers, ("same_field", "different_field", "gap", "top1", "mrr", "chance_top1")):
+            assert got == pytest.approx(want[key], abs=5.1e-5), (cells, key)
+        if want["model_id"] == "checkpoint":  # delta gap, top-1, MRR vs the best pixel baseline
+            for got, metric in zip(cells[10:13], ("gap", "top1", "mrr")):
+                c = deltas[(want["sampling"], want["embedding"], want["views"], metric)]
+                best = max(c["values"]["pixels_8x8"], c["values"]["pixels_16x16"])
+                assert float(got) == pytest.approx(want[metric] - best, abs=5.1e-5)
     # the table rows are the summaries of metrics.json, and scalars.json flattens them
-    summary = metrics["models"]["checkpoint"]["cls"]["summary"]
+    summary = metrics["results"]["independent"]["checkpoint"]["cls"]["summary"]
     assert metrics["table"][0]["same_field"] == summary["same_field"] and metrics["table"][0]["gap"] == summary["gap"]
+    assert summary["summary_views"] == ["DNA", "RNA", "Mito"]  # the headline excludes the mean view
     scalars = json.loads(storage.read_bytes(f"{out}/scalars.json"))
     assert all(isinstance(v, float) for v in scalars.values())
     for row in metrics["table"]:
         for key in ("same_field", "different_field", "gap", "top1", "mrr", "chance_top1"):
-            assert scalars[f"{row['model']}.{row['embedding']}.{row['views']}.{key}"] == row[key]
-    assert scalars["delta.cls.fluorescent.gap"] == pytest.approx(
-        _row_of(metrics, "checkpoint")["gap"] - _row_of(metrics, "baseline")["gap"])
+            assert scalars[f"{row['sampling']}.{row['model_id']}.{row['embedding']}.{row['views']}.{key}"] == row[key]
+    assert scalars["delta_vs_init.independent.cls.fluorescent.gap"] == pytest.approx(
+        _row_of(metrics, "checkpoint")["gap"] - _row_of(metrics, "initial_weights")["gap"])
+    assert scalars["delta_vs_pixels.aligned.cls.fluorescent.top1"] == pytest.approx(
+        _row_of(metrics, "checkpoint", sampling="aligned")["top1"]
+        - max(_row_of(metrics, m, sampling="aligned")["top1"] for m in ("pixels_8x8", "pixels_16x16")))
+    assert scalars["layout_solvable.aligned.cls.fluorescent"] == 1.0  # pixels find these fields by layout
     assert scalars["data.n_skipped"] == 1.0
     md = storage.read_text(f"{out}/summary.md")
     assert f"{metrics['table'][0]['same_field']:.4f}" in md and fields.missing_field in md
+    assert "pixels 16x16" in md and "not evidence of learning" in md
 
 
-def _row_of(metrics, model, embedding="cls", views="fluorescent"):
-    return next(r for r in metrics["table"] if (r["model"], r["embedding"], r["views"]) == (model, embedding, views))
+def _row_of(metrics, model, embedding="cls", views="fluorescent", sampling="independent"):
+    return next(r for r in metrics["table"]
+                if (r["sampling"], r["model_id"], r["embedding"], r["views"]) == (sampling, model, embedding, views))
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -284,17 +324,25 @@ def test_official_layout_checkpoint(fields, tmp_path):
     model, info = load_backbone(str(tmp_path / "dinov3_plain.pth"))
     assert (info.kind, info.patch_size, info.in_chans, info.stored_in_chans) == ("plain", 16, 1, 3)
     assert (info.embed_dim, info.depth, info.num_heads, info.n_storage_tokens) == (192, 4, 3, 4)
-    grey = torch.randn(2, 1, 64, 64)
-    with torch.no_grad():  # folding is exact: the grey plane equals the grey image repeated on 3 channels
-        torch.testing.assert_close(model(grey), official(grey.expand(-1, 3, -1, -1)), atol=2e-5, rtol=1e-5)
+    # folding is exact: the grey image normalised as dinocell normalises a channel, through the folded model, equals
+    # the grey image repeated on 3 channels and normalised with ImageNet's per-channel statistics (DINOv3's)
+    from dinocell.model.patch_adapt import IMAGENET_MEAN, IMAGENET_STD
+
+    pixels = torch.rand(2, 1, 64, 64)
+    grey = (pixels - info.norm_mean) / info.norm_std
+    rgb = (pixels.expand(-1, 3, -1, -1) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
+        IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(grey), official(rgb), atol=2e-5, rtol=1e-5)
 
     result = evaluate(str(tmp_path / "dinov3_plain.pth"), fields.manifest, _cfg(), str(tmp_path / "out"),
                       baseline="init", max_fields=10, visuals=False)
     ck = result.metrics["checkpoint"]
-    assert ck["kind"] == "plain" and ck["patch_size"] == 16 and "summed 3 input channels" in ck["load_summary"]
+    assert ck["kind"] == "plain" and ck["patch_size"] == 16 and "folded 3 input channels" in ck["load_summary"]
     assert result.metrics["data"]["size"] == 224  # no config: the DINOv3 global crop size
     assert result.metrics["baseline"]["source"].startswith("random init")
-    assert _row(result)["top1"] > 0.5  # a working (if random) feature extractor still matches a field's channels
+    # a working (if random) feature extractor matches a field's aligned channels (by layout)
+    assert _row(result, sampling="aligned")["top1"] > 0.5
 
 
 def test_init_baseline_is_the_runs_starting_point(tmp_path):
@@ -390,8 +438,11 @@ def test_demo_data(tmp_path, good_checkpoint):
                       baseline="none", visuals=False)
     assert result.metrics["data"]["n_fields"] == 6 and result.metrics["data"]["n_skipped"] == 0
     assert result.metrics["data"]["views"] == ["mean", *ALL_CHANNELS]
-    bf = result.metrics["models"]["checkpoint"]["cls"]["brightfield"]
-    assert bf["views"] == ["HighZBF", "LowZBF", "Brightfield"] and -1 <= bf["same_field"] <= 1
+    for sampling in ("independent", "aligned"):
+        bf = result.metrics["results"][sampling]["checkpoint"]["cls"]["brightfield"]
+        assert bf["views"] == ["HighZBF", "LowZBF", "Brightfield"] and -1 <= bf["same_field"] <= 1
+        assert bf["against"] == ["DNA", "ER", "RNA", "AGP", "Mito"]  # fluorescent channels, not the mean view
+    assert {r["views"] for r in result.metrics["table"]} == {"fluorescent", "mean-channel", "brightfield-fluorescent"}
     assert (tmp_path / "out" / "metrics.json").exists()
 
 

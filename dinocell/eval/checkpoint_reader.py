@@ -43,6 +43,7 @@ from torch import Tensor
 
 from dinocell import storage
 from dinocell.log import get_logger
+from dinocell.model.patch_adapt import InputNorm
 from dinocell.model.pretrained import extract_backbone_state_dict, load_dinov3_checkpoint, read_checkpoint
 from dinocell.model.vit import DinoVisionTransformer, build_vit
 
@@ -170,13 +171,13 @@ def _read_source(uri: str):
     from dinocell.train.checkpoint import CheckpointManager
 
     if not uri.endswith(_FILE_SUFFIXES) and storage.exists(storage.join(uri, "latest.json")):
-        manager = CheckpointManager(uri)
-        resolved = manager.latest()
-        obj = manager.load()  # newest checkpoint that verifies
-        if obj is None:
+        found = CheckpointManager(uri).resolve()  # the newest checkpoint that verifies, and exactly which one
+        if found is None:
             raise FileNotFoundError(f"{uri}: a checkpoint directory with latest.json but no committed checkpoint")
-        log.info("checkpoint directory %s: using %s", uri, resolved)
-        return obj, resolved or uri
+        for passed, why in found.passed_over:
+            log.warning("checkpoint directory %s: passed over newer %s (%s)", uri, passed, why)
+        log.info("checkpoint directory %s: using %s", uri, found.uri)
+        return found.state, found.uri
     if uri.endswith(".safetensors"):
         return read_checkpoint(uri)[0], uri
     if not storage.exists(uri):
@@ -338,7 +339,9 @@ def load_init_backbone(
     with torch.random.fork_rng(devices=[]):  # building draws init weights: leave the caller's RNG stream untouched
         if info.pretrained:
             model = _build_like(info, build_in)
-            report = load_dinov3_checkpoint(model, info.pretrained, strict=True)
+            # fold DINOv3's ImageNet normalisation to the run's grey normalisation, as the trainer did
+            report = load_dinov3_checkpoint(model, info.pretrained, strict=True,
+                                            input_norm=InputNorm((info.norm_mean,), (info.norm_std,)))
             how, summary = f"pretrained weights {info.pretrained}", report.summary()
         else:
             seed = 0 if info.seed is None else int(info.seed)
@@ -346,7 +349,7 @@ def load_init_backbone(
             # draw at the stored channel count (the kernel's shape decides the draws), then fold like a checkpoint
             drawn = _build_like(info, info.stored_in_chans)
             model = _build_like(info, build_in)
-            load_dinov3_checkpoint(model, drawn.state_dict(), strict=True)
+            load_dinov3_checkpoint(model, drawn.state_dict(), strict=True, checkpoint_norm=None)
             how, summary = f"random init (torch.manual_seed({seed}))", f"random initialisation, seed {seed}"
     base = dataclasses.replace(
         info,

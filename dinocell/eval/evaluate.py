@@ -1,15 +1,22 @@
-"""`dinocell evaluate`: channel consistency of a checkpoint on held-out fields, next to its initial weights.
+"""`dinocell evaluate`: channel consistency of a checkpoint on held-out fields, next to baselines that cannot learn.
 
 For up to `max_fields` fields of the manifest's held-out split (chosen deterministically: ordered by the sha256 of
 their field id, which spreads them over plates), every channel is embedded on its own and the mean of the
-fluorescent channels as one more view (dinocell.monitor.consistency), with the teacher backbone of the checkpoint and
-with the baseline. Brightfield channels are evaluated when the manifest has them (or `channels` names them): the seed
-claims transfer to brightfield, so it is measured (brightfield views against fluorescent views), not assumed.
+fluorescent channels as one more view (dinocell.monitor.consistency). Brightfield channels are evaluated when the
+manifest has them (or `channels` names them): the seed claims transfer to brightfield, so it is measured
+(brightfield views against fluorescent channels), not assumed.
 
-Per model (checkpoint, baseline) and embedding ("cls", "patch_mean"): the same-field channel x channel cosine matrix,
-the different-field matrix (collapse guard), cross-channel retrieval (top-1, MRR), the seed's single number
-(mean off-diagonal same-field similarity) next to the same-minus-different gap. Fields that fail to load are
-skipped, counted and listed in the report. Everything is written by dinocell.eval.report.
+Views (`view_mode`, dinocell.eval.view_sampling): "independent" (the headline) gives every view of a field its own
+random crop, flip and quarter turn, seeded by `seed` and recorded per field and view in metrics.json, so two views of
+a field share content, not layout; "aligned" shows every view as the whole field in one orientation, which layout
+alone solves (an 8x8 pooled pixel vector finds the field); "both" (the default) reports both.
+
+Models, scored by the same code on the same views (dinocell.eval.models): the checkpoint's teacher backbone, its
+baseline (the run's initial weights, or another checkpoint), the pixel baselines (8x8 and 16x16 average-pooled
+pixels) and a positions-only probe. Per model and embedding ("cls", "patch_mean"): the same-field view x view cosine
+matrix, the different-field matrix (collapse guard), cross-view retrieval (top-1, MRR), the seed's single number
+(mean same-field similarity) next to the same-minus-different gap (dinocell.eval.scoring). Fields that fail to load
+are skipped, counted and listed in the report. Everything is written by dinocell.eval.report.
 """
 
 from __future__ import annotations
@@ -24,12 +31,24 @@ import numpy as np
 import torch
 
 from dinocell import storage
-from dinocell.channels import ALL_CHANNELS, BRIGHTFIELD_CHANNELS, FLUORESCENT_CHANNELS
+from dinocell.channels import ALL_CHANNELS, is_fluorescent
 from dinocell.data.fields import FieldLoader
-from dinocell.eval.checkpoint_reader import BackboneInfo, load_backbone, load_init_backbone
+from dinocell.eval.checkpoint_reader import BackboneInfo, load_backbone
+from dinocell.eval.models import EvalModel, baseline_model, embed_fields, reference_models
+from dinocell.eval.profiling import ProfilingOptions, run_profiling
+from dinocell.eval.scoring import EMBEDDING_KEYS, analyse_embeddings, comparison_rows, table_rows
+from dinocell.eval.view_sampling import (
+    DEFAULT_RATIO,
+    DEFAULT_SCALE,
+    DERIVATION,
+    ViewSpec,
+    parse_view_modes,
+    sample_view_spec,
+)
 from dinocell.jump.manifest import Manifest
 from dinocell.log import get_logger
-from dinocell.monitor import consistency
+from dinocell.monitor.consistency import MEAN_VIEW
+from dinocell.progress import Progress
 
 __all__ = [
     "DEFAULT_MAX_FIELDS",
@@ -40,13 +59,13 @@ __all__ = [
     "run_evaluation",
     "load_eval_fields",
     "select_fields",
+    "view_specs",
 ]
 
 log = get_logger(__name__)
 
 DEFAULT_MAX_FIELDS = 256
-EMBEDDING_KEYS = ("cls", "patch_mean")
-MODEL_NAMES = ("checkpoint", "baseline")
+DEFAULT_VIEW_MODE = "both"
 
 
 @dataclass
@@ -84,8 +103,10 @@ def select_fields(field_ids: list[str], max_fields: int) -> list[int]:
 
 
 def _default_channels(manifest: Manifest) -> list[str]:
-    """The manifest's known channels, fluorescent then brightfield (dinocell.ALL_CHANNELS order)."""
-    return [c for c in ALL_CHANNELS if c in manifest.channels]
+    """The manifest's channels: dinocell's own names first (fluorescent then brightfield, ALL_CHANNELS order),
+    then any other channel of the dataset (Actin, Phase, ...) in manifest order."""
+    return [c for c in ALL_CHANNELS if c in manifest.channels] + [c for c in manifest.channels
+                                                                   if c not in ALL_CHANNELS]
 
 
 def load_eval_fields(
@@ -106,7 +127,8 @@ def load_eval_fields(
     records = list(part.records())
     picked = [records[i] for i in select_fields([r.field_id for r in records], max_fields)]
     loader = FieldLoader(cfg.preprocess, chosen, fetch_workers=max(1, int(cfg.loader.fetch_workers)))
-    loaded, errors = loader.load_many(picked, on_error="skip")
+    with Progress("evaluate: loading fields", total=len(picked), unit="field") as bar:
+        loaded, errors = loader.load_many(picked, on_error="skip", on_field=bar.update)
     for fid, reason in errors:
         log.warning("evaluate: skipped field %s: %s", fid, reason)
     return EvalFields(
@@ -121,111 +143,20 @@ def load_eval_fields(
     )
 
 
-# ----------------------------------------------------------------------------------------------- embedding
+# ----------------------------------------------------------------------------------------------- views
 
 
-def _embed(model, info: BackboneInfo, fields: EvalFields, size: int, device, batch_size: int) -> dict:
-    """consistency.embed_views over all fields; fields of different sizes are embedded in groups of equal size."""
-    groups: dict[tuple, list[int]] = {}
-    for i, img in enumerate(fields.images):
-        groups.setdefault(img.shape, []).append(i)
-    parts = []
-    for idx in groups.values():
-        stack = torch.from_numpy(np.stack([fields.images[i] for i in idx]))
-        parts.append((idx, consistency.embed_views(model, stack, fields.channels, size=size, mean=info.norm_mean,
-                                                   std=info.norm_std, device=device, batch_size=batch_size)))
-    if len(parts) == 1:
-        return parts[0][1]
-    order = torch.tensor([i for idx, _ in parts for i in idx]).argsort()  # back to evaluation order
-    views = parts[0][1]
-    return {v: {k: torch.cat([p[v][k] for _, p in parts])[order] for k in views[v]} for v in views}
-
-
-# ----------------------------------------------------------------------------------------------- metrics
-
-
-def _mean(m: np.ndarray, rows: list[int], cols: list[int]) -> float:
-    return float(m[np.ix_(rows, cols)].mean())
-
-
-def _brightfield_transfer(labels, same, diff, ret, n_fields: int) -> dict | None:
-    """Brightfield views against fluorescent views (channels and mean), both query directions for retrieval."""
-    bf = [i for i, name in enumerate(labels) if name in BRIGHTFIELD_CHANNELS]
-    fl = [i for i, name in enumerate(labels) if name in FLUORESCENT_CHANNELS or name == consistency.MEAN_VIEW]
-    if not bf or not fl:
-        return None
-    same_field = _mean(same, bf, fl)
-    different_field = _mean(diff, bf, fl)
-    return {
-        "views": [labels[i] for i in bf],
-        "against": [labels[i] for i in fl],
-        "same_field": same_field,
-        "different_field": different_field,
-        "gap": same_field - different_field,
-        "top1": (_mean(ret["top1"], bf, fl) + _mean(ret["top1"], fl, bf)) / 2,
-        "mrr": (_mean(ret["mrr"], bf, fl) + _mean(ret["mrr"], fl, bf)) / 2,
-        "chance_top1": 1.0 / n_fields,
-        "chance_mrr": sum(1.0 / k for k in range(1, n_fields + 1)) / n_fields,
-    }
-
-
-def analyse_embeddings(embs: dict) -> dict:
-    """Per embedding key: summary, the three matrices and the brightfield transfer (None without brightfield)."""
-    out = {}
-    for key in EMBEDDING_KEYS:
-        same, labels = consistency.same_field_matrix(embs, key)
-        diff, _ = consistency.different_field_matrix(embs, key)
-        ret = consistency.retrieval(embs, key)
-        n_fields = int(next(iter(embs.values()))[key].shape[0])
-        out[key] = {
-            "summary": consistency.summary(embs, key),
-            "labels": labels,
-            "same_field": same.tolist(),
-            "different_field": diff.tolist(),
-            "retrieval_top1": ret["top1"].tolist(),
-            "retrieval_mrr": ret["mrr"].tolist(),
-            "brightfield": _brightfield_transfer(labels, same, diff, ret, n_fields),
-        }
-    return out
-
-
-def table_rows(models: dict) -> list[dict]:
-    """One row per model x embedding x view group: the numbers of the printed table (and the model card)."""
-    rows = []
-    for model_name, analysis in models.items():
-        for key in EMBEDDING_KEYS:
-            a = analysis[key]
-            s = a["summary"]
-            fluo_only = all(v in FLUORESCENT_CHANNELS or v == consistency.MEAN_VIEW for v in s["summary_views"])
-            groups = [("fluorescent" if fluo_only else "all", s)]
-            if a["brightfield"] is not None:
-                groups.append(("brightfield-fluorescent", a["brightfield"]))
-            for views, numbers in groups:
-                rows.append({
-                    "model": model_name,
-                    "embedding": key,
-                    "views": views,
-                    **{m: float(numbers[m]) for m in ("same_field", "different_field", "gap", "top1", "mrr",
-                                                      "chance_top1")},
-                })
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------- models
+def view_specs(fields: EvalFields, seed: int, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO) -> list[dict[str, ViewSpec]]:
+    """Per field (evaluation order): {view: ViewSpec} for "mean" (with a fluorescent channel) and every channel."""
+    views = ([MEAN_VIEW] if any(is_fluorescent(c) for c in fields.channels) else []) + list(fields.channels)
+    return [{v: sample_view_spec(seed, fid, v, tuple(img.shape[1:]), scale, ratio) for v in views}
+            for fid, img in zip(fields.field_ids, fields.images)]
 
 
 def _resolve_device(device) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _load_baseline(baseline: str | None, info: BackboneInfo, which: str, device):
-    if baseline in (None, "", "none"):
-        return None, None
-    if baseline == "init":
-        return load_init_backbone(info, in_chans=1, device=device)
-    return load_backbone(baseline, which=which, in_chans=1, device=device)
 
 
 def _preprocess_differences(cfg, info: BackboneInfo) -> list[str]:
@@ -257,53 +188,75 @@ def run_evaluation(
     which: str = "teacher",
     n_vis: int = 4,
     visuals: bool = True,
+    view_mode: str = DEFAULT_VIEW_MODE,
+    seed: int = 0,
+    view_scale: tuple[float, float] = DEFAULT_SCALE,
+    pixel_baselines: bool = True,
+    profiling: ProfilingOptions | None = None,
 ) -> EvalResult:
     """Evaluate `checkpoint_uri` (and `baseline`: "init", "none" or a checkpoint URI) on the manifest's `split`.
 
     size: side of the square views (default: the checkpoint's global crop size, else 224); a multiple of the patch
-    size. Writes the report (dinocell.eval.report) to `out_uri` (local directory or s3:// prefix).
+    size. view_mode: "independent", "aligned" or "both" (module docstring); seed: the independent views' seed;
+    view_scale: their crop area range. pixel_baselines: also score the pixel baselines and the positions-only probe.
+    profiling: options of the copairs profiling section (dinocell.eval.profiling; default options when None);
+    it needs the manifest's plate-map columns, and says why it was not scored when they are missing.
+    Writes the report (dinocell.eval.report) to `out_uri` (local directory or s3:// prefix).
     """
     from dinocell.eval import report
 
+    modes = parse_view_modes(view_mode)
     device = _resolve_device(device)
     model, info = load_backbone(checkpoint_uri, which=which, in_chans=1, device=device)
     log.info("checkpoint: %s", info.load_summary)
     size = int(size or info.global_size or 224)
     if size % info.patch_size:
         raise ValueError(f"evaluate: view size {size} is not a multiple of the patch size {info.patch_size}")
-    base_model, base_info = _load_baseline(baseline, info, which, device)
-    if base_model is not None and size % base_info.patch_size:
+    base = baseline_model(baseline, info, which, device)
+    if base is not None and size % base.info.patch_size:
         raise ValueError(f"evaluate: view size {size} is not a multiple of the baseline's patch size "
-                         f"{base_info.patch_size}")
+                         f"{base.info.patch_size}")
 
     fields = load_eval_fields(manifest_uri, cfg, channels, max_fields, split)
     if len(fields.images) < 2:
         raise ValueError(f"evaluate: only {len(fields.images)} of {fields.n_selected} selected fields loaded "
                          f"({len(fields.skipped)} skipped, e.g. {fields.skipped[:3]}): need at least 2")
-    log.info("evaluating on %d fields (%d skipped) x %d channels at %d px", len(fields.images), len(fields.skipped),
-             len(fields.channels), size)
+    log.info("evaluating on %d fields (%d skipped) x %d channels at %d px, views %s", len(fields.images),
+             len(fields.skipped), len(fields.channels), size, "/".join(modes))
 
-    models = {"checkpoint": (model, info)}
-    if base_model is not None:
-        models["baseline"] = (base_model, base_info)
-    embeddings, analyses = {}, {}
-    for name, (m, i) in models.items():
-        embeddings[name] = _embed(m, i, fields, size, device, batch_size)
-        analyses[name] = analyse_embeddings(embeddings[name])
+    entries = [EvalModel("checkpoint", "checkpoint", model, info.norm_mean, info.norm_std,
+                         f"{info.section} backbone of {info.source}", info)]
+    if base is not None:
+        entries.append(base)
+    if pixel_baselines:
+        entries += reference_models((info.norm_mean, info.norm_std), device)
+    specs = view_specs(fields, seed, view_scale) if "independent" in modes else None
+    embeddings: dict[str, dict] = {}
+    results: dict[str, dict] = {}
+    bar = Progress("evaluate: embedding", total=len(modes) * len(entries), unit="model")
+    for mode in modes:
+        embeddings[mode], results[mode] = {}, {}
+        for m in entries:
+            embeddings[mode][m.id] = embed_fields(m, fields, size, device, batch_size, mode, specs)
+            results[mode][m.id] = analyse_embeddings(embeddings[mode][m.id])
+            bar.update(1)
+    bar.close()
 
     differences = _preprocess_differences(cfg, info)
     for line in differences:
         log.warning("evaluate: %s", line)
+    first = results[modes[0]]["checkpoint"]["cls"]
     metrics = {
         "format": "dinocell-evaluation",
-        "format_version": 1,
+        "format_version": 2,
         "checkpoint": info.to_dict(),
-        "baseline": base_info.to_dict() if base_info is not None else None,
+        "baseline": base.info.to_dict() if base is not None else None,
+        "models": {m.id: {"label": m.label, "description": m.description, "learned": m.learned} for m in entries},
         "data": {
             "manifest": str(manifest_uri),
             "split": split,
             "channels": fields.channels,
-            "views": analyses["checkpoint"]["cls"]["labels"],
+            "views": first["labels"],
             "n_available": fields.n_available,
             "n_selected": fields.n_selected,
             "n_fields": len(fields.images),
@@ -317,12 +270,26 @@ def run_evaluation(
             "preprocess": cfg.to_dict()["preprocess"],
             "preprocess_differs_from_training": differences,
         },
-        "models": analyses,
+        "view_sampling": {
+            "modes": modes,
+            "seed": int(seed),
+            "scale": list(view_scale),
+            "ratio": list(DEFAULT_RATIO),
+            "derivation": DERIVATION,
+            # per field id, per view: the crop box (pixels of the preprocessed field), flip and quarter turns
+            "records": ({fid: {v: s.to_dict() for v, s in sp.items()} for fid, sp in zip(fields.field_ids, specs)}
+                        if specs is not None else {}),
+        },
+        "results": results,
     }
-    metrics["table"] = table_rows(analyses)
+    metrics["table"] = table_rows(results, {m.id: m.label for m in entries})
     _check_finite(metrics["table"])
+    metrics["comparison"] = comparison_rows(metrics["table"])
+    metrics["profiling"] = run_profiling({m.id: (m.module, m.norm_mean, m.norm_std) for m in entries}, manifest_uri,
+                                         cfg, fields.channels, split, size, device, batch_size, profiling)
 
-    figures = report.build_figures(models, embeddings, analyses, fields, size, device, n_vis) if visuals else {}
+    figures = (report.build_figures(entries, embeddings, results, fields, specs, size, device, n_vis)
+               if visuals else {})
     with tempfile.TemporaryDirectory(prefix="dinocell-eval-") as tmp:
         local = Path(tmp) if storage.is_s3(str(out_uri)) else storage.local_path(out_uri)
         files, scalars, table = report.write_report(local, metrics, figures)
@@ -337,4 +304,5 @@ def _check_finite(rows: list[dict]) -> None:
     for r in rows:
         bad = [k for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
-            raise ValueError(f"evaluate: non-finite {bad} for {r['model']} {r['embedding']} {r['views']}")
+            raise ValueError(f"evaluate: non-finite {bad} for {r['sampling']} {r['model']} {r['embedding']} "
+                             f"{r['views']}")

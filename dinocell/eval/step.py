@@ -96,21 +96,46 @@ def evaluate(
     device: str | None = None,
     endpoint_url: str = "",
     anonymous: bool | None = None,
+    view_mode: str = "both",
+    seed: int = 0,
+    profiling: bool = True,
+    profile_fields: int | None = None,
+    profile_normalisation: str = "mad",
+    profile_null_size: int = 10000,
 ) -> EvalOutcome:
     """Channel-consistency evaluation of the checkpoint (and the baseline: "init", "none" or a checkpoint URI) on
     the manifest's `split` (default: the config's `data.manifest`, split "val"). `max_fields` None: 256.
+    view_mode: "independent" (a random crop, flip and turn per view, seeded by `seed`), "aligned" (whole fields:
+    layout-solvable) or "both"; the pixel baselines are scored next to the checkpoint either way.
+    profiling: also the copairs mAP of well profiles on whole held-out plates (`profile_fields` fields at most,
+    None: 2048), normalised per plate ("mad", "spherize", "mad+spherize", "none") against the negative controls.
     """
     from dinocell.eval.evaluate import DEFAULT_MAX_FIELDS, run_evaluation
+    from dinocell.eval.profiles import METHODS
+    from dinocell.eval.profiling import DEFAULT_PROFILE_FIELDS, ProfilingOptions
+    from dinocell.eval.view_sampling import parse_view_modes
 
     cfg = load_step_config(config, overrides, endpoint_url, anonymous)
     manifest_uri = manifest_uri or cfg.data.manifest
     if not manifest_uri:
         raise StepError("evaluate: no field manifest: give --manifest (manifest_uri) or set data.manifest "
                         "(the manifest with the held-out split)")
+    try:
+        parse_view_modes(view_mode or "both")
+    except ValueError as e:
+        raise StepError(str(e)) from None
+    if profile_normalisation not in METHODS:
+        raise StepError(f"evaluate: profile normalisation {profile_normalisation!r} is not one of {list(METHODS)}")
+    if int(profile_null_size) < 100:
+        raise StepError(f"evaluate: profile null size must be >= 100 (p-values need a null), got {profile_null_size}")
+    opts = ProfilingOptions(enabled=bool(profiling),
+                            max_fields=DEFAULT_PROFILE_FIELDS if profile_fields is None else int(profile_fields),
+                            normalisation=profile_normalisation, null_size=int(profile_null_size), seed=int(seed))
     t0 = time.perf_counter()
     run_evaluation(checkpoint_uri, manifest_uri, cfg, out_uri, baseline=baseline,
                    max_fields=DEFAULT_MAX_FIELDS if max_fields is None else int(max_fields),
-                   channels=str_list(channels, "channels") or None, split=split or "val", size=size, device=device)
+                   channels=str_list(channels, "channels") or None, split=split or "val", size=size, device=device,
+                   view_mode=view_mode or "both", seed=int(seed), profiling=opts)
     log.info("evaluate: %s in %.1fs", out_uri, time.perf_counter() - t0)
     return read_eval_outputs(out_uri)
 

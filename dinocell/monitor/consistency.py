@@ -1,8 +1,10 @@
 """Channel-consistency metrics: does the backbone give every channel of a field the same representation?
 
 Each field is shown to the backbone once per *view*: every channel on its own, plus "mean" (the mean of the
-fluorescent channels present, the view global crop 1 trains on). Views are whole fields resized to size x size
-(antialiased, as the training crops), normalised like the training crops.
+fluorescent channels present, the view global crop 1 trains on). By default (`field_views`) views are whole fields
+resized to size x size (antialiased, as the training crops), normalised like the training crops: every view of a field
+then shows the cells at the same positions, so layout alone identifies the field (a pooled pixel vector does). The
+evaluation passes its own `views_fn` (dinocell.eval.view_sampling: an independent crop, flip and rotation per view).
 
 From the embeddings (view -> [B, D] for B fields):
 - same-field matrix [V, V]: mean cosine between view i and view j of the SAME field (diagonal 1 by definition);
@@ -11,7 +13,9 @@ From the embeddings (view -> [B, D] for B fields):
 - retrieval [V, V]: the query is field a's view i, the gallery every field's view j; the rank of field a's view j.
   Ties are broken pessimistically (a gallery item scoring within 1e-7 of the true match counts as ranked above
   it), so a collapsed model scores top-1 0 and MRR 1/B (no better than chance, 1/B and H_B/B) instead of 1.
-- `summary`: the single numbers, over the fluorescent views (the 5 fluorescent channels and "mean").
+- `summary`: the single numbers, over pairs of fluorescent channels (the "mean" view excluded: it holds a fifth of
+  each channel's pixels), and the mean view against each fluorescent channel on its own (`mean_vs_channel`);
+- `view_group`: the same numbers for any rows x columns block of views (e.g. brightfield against fluorescent).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinocell.channels import FLUORESCENT_CHANNELS
+from dinocell.channels import is_fluorescent
 from dinocell.log import get_logger
 
 __all__ = [
@@ -35,6 +39,7 @@ __all__ = [
     "retrieval",
     "same_field_matrix",
     "summary",
+    "view_group",
 ]
 
 log = get_logger(__name__)
@@ -87,7 +92,7 @@ def field_views(fields_u8, channel_names, size: int, mean: float, std: float) ->
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     x = (x / 255.0 - mean) / std
     views: dict[str, torch.Tensor] = {}
-    fluo = [i for i, n in enumerate(names) if n in FLUORESCENT_CHANNELS]
+    fluo = [i for i, n in enumerate(names) if is_fluorescent(n)]
     if fluo:
         views[MEAN_VIEW] = x[:, fluo].mean(dim=1, keepdim=True)  # linear, so equal to normalising the mean image
     else:
@@ -107,8 +112,12 @@ def embed_views(
     std: float | None = None,
     device="cpu",
     batch_size: int = 64,
+    views_fn=None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """{view: {"cls": [B, D], "patch_mean": [B, D]}} (float32, CPU) for every view of every field.
+
+    views_fn(fields_u8_chunk, start) -> {view: float [b, 1, size, size]} makes the views of fields start..start+b
+    (default: `field_views`, whole fields in the same orientation).
 
     The backbone runs in eval mode (restored afterwards) under no_grad, with bf16 autocast on CUDA. Fields are
     processed `batch_size` at a time, so only one chunk's views are in memory. A 3-channel backbone gets the grey
@@ -130,7 +139,9 @@ def embed_views(
     try:
         for start in range(0, fields.shape[0], batch_size):
             part = fields[start : start + batch_size].to(device, non_blocking=True)
-            for view, x in field_views(part, channel_names, size, mean, std).items():
+            views = (field_views(part, channel_names, size, mean, std) if views_fn is None
+                     else views_fn(part, start))
+            for view, x in views.items():
                 if in_chans == 3:
                     x = x.expand(-1, 3, -1, -1)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -229,25 +240,55 @@ def _off_diagonal_mean(m: np.ndarray, idx: list[int]) -> float:
     return float(sub[mask].mean())
 
 
+def _block_mean(m: np.ndarray, rows: list[int], cols: list[int]) -> float:
+    return float(m[np.ix_(rows, cols)].mean())
+
+
+def _chance(n_fields: int) -> dict:
+    return {"chance_top1": 1.0 / n_fields, "chance_mrr": sum(1.0 / k for k in range(1, n_fields + 1)) / n_fields}
+
+
+def view_group(matrices: dict, labels: list[str], rows: list[str], cols: list[str], n_fields: int) -> dict:
+    """The summary numbers of views `rows` against views `cols` (disjoint sets): block means of the same-field and
+    different-field matrices, retrieval averaged over both query directions. matrices: {"same", "diff", "top1",
+    "mrr"} [V, V] over `labels`."""
+    r = [labels.index(v) for v in rows]
+    c = [labels.index(v) for v in cols]
+    if not r or not c or set(r) & set(c):
+        raise ValueError(f"view_group: need two non-empty disjoint view sets, got {rows} and {cols}")
+    out = {
+        "views": list(rows),
+        "against": list(cols),
+        "same_field": _block_mean(matrices["same"], r, c),
+        "different_field": _block_mean(matrices["diff"], r, c),
+        "top1": (_block_mean(matrices["top1"], r, c) + _block_mean(matrices["top1"], c, r)) / 2,
+        "mrr": (_block_mean(matrices["mrr"], r, c) + _block_mean(matrices["mrr"], c, r)) / 2,
+        **_chance(n_fields),
+    }
+    out["gap"] = out["same_field"] - out["different_field"]
+    return out
+
+
 def summary(embs: dict, key: str = "cls") -> dict:
     """The headline numbers (plain floats/ints/strings, JSON-ready).
 
-    same_field (the seed's single number): mean off-diagonal same-field cosine over the fluorescent views (the
-    5 fluorescent channels present and "mean"); different_field: the same average over different fields; gap:
-    same_field - different_field; top1 / mrr: mean off-diagonal retrieval over those views; chance_top1 = 1/B,
-    chance_mrr = H_B / B (a random ranking). With fewer than 2 fluorescent views, all views are used
-    (`summary_views` says which).
+    same_field (the seed's single number): mean off-diagonal same-field cosine over pairs of fluorescent channels
+    (the "mean" view excluded: it shares a fifth of its pixels with each channel, so it inflates every number);
+    different_field: the same average over different fields; gap: same_field - different_field; top1 / mrr: mean
+    off-diagonal retrieval over those views; chance_top1 = 1/B, chance_mrr = H_B / B (a random ranking).
+    `mean_vs_channel`: the mean view against each fluorescent channel (view_group), None without a mean view.
+    With fewer than 2 fluorescent channels, all views but "mean" are used (`summary_views` says which).
     """
     same, labels = same_field_matrix(embs, key)
     diff, _ = different_field_matrix(embs, key)
     ret = retrieval(embs, key)
     n_fields = int(torch.as_tensor(next(iter(embs.values()))[key]).shape[0])
-    fluo = [i for i, name in enumerate(labels) if name in FLUORESCENT_CHANNELS or name == MEAN_VIEW]
+    fluo = [i for i, name in enumerate(labels) if name != MEAN_VIEW and is_fluorescent(name)]
     if len(fluo) < 2:
-        if len(labels) < 2:
-            raise ValueError(f"summary: need at least 2 views, got {labels}")
-        log.warning("summary: fewer than 2 fluorescent views among %s: averaging over all views", labels)
-        fluo = list(range(len(labels)))
+        fluo = [i for i, name in enumerate(labels) if name != MEAN_VIEW]
+        if len(fluo) < 2:
+            raise ValueError(f"summary: need at least 2 channel views besides {MEAN_VIEW!r}, got {labels}")
+        log.warning("summary: fewer than 2 fluorescent channels among %s: averaging over all channel views", labels)
     out = {
         "key": key,
         "n_fields": n_fields,
@@ -257,8 +298,7 @@ def summary(embs: dict, key: str = "cls") -> dict:
         "different_field": _off_diagonal_mean(diff, fluo),
         "top1": _off_diagonal_mean(ret["top1"], fluo),
         "mrr": _off_diagonal_mean(ret["mrr"], fluo),
-        "chance_top1": 1.0 / n_fields,
-        "chance_mrr": sum(1.0 / k for k in range(1, n_fields + 1)) / n_fields,
+        **_chance(n_fields),
     }
     out["gap"] = out["same_field"] - out["different_field"]
     if len(labels) > len(fluo):
@@ -266,6 +306,10 @@ def summary(embs: dict, key: str = "cls") -> dict:
         out["same_field_all_views"] = _off_diagonal_mean(same, everything)
         out["different_field_all_views"] = _off_diagonal_mean(diff, everything)
         out["top1_all_views"] = _off_diagonal_mean(ret["top1"], everything)
+    matrices = {"same": same, "diff": diff, "top1": ret["top1"], "mrr": ret["mrr"]}
+    channels = [labels[i] for i in fluo if is_fluorescent(labels[i])]
+    out["mean_vs_channel"] = (view_group(matrices, labels, [MEAN_VIEW], channels, n_fields)
+                              if MEAN_VIEW in labels and channels else None)
     for k, val in out.items():
         if isinstance(val, float) and not math.isfinite(val):
             raise ValueError(f"summary: {k} is {val} (non-finite embeddings for {key!r}?)")
