@@ -1,4 +1,5 @@
-"""Checkpoint loading: official layouts, strict errors, patch 16 -> 8 (PI-resize) fidelity, 3 -> 1 channel folding."""
+"""Checkpoint loading: official layouts, strict errors, patch 16 -> 8 (PI-resize) fidelity, 3 -> 1 channel folding
+(the ImageNet-normalisation fold on a real crop: tests/test_patch_fold.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dinocell.model import (
     vit_small,
     vit_tiny,
 )
+from dinocell.model.patch_adapt import IMAGENET_NORM, InputNorm, fold_input_normalisation
 
 torch.set_num_threads(2)
 
@@ -288,12 +290,15 @@ def test_patch_16_to_8_fidelity_beats_bilinear():
 
 # ----------------------------------------------------------------------------------------------- channels
 def test_channel_folding_equals_grey_repeated_three_times():
+    """checkpoint_norm=None (the checkpoint saw every channel normalised like the target): the plain channel sum is
+    exactly the RGB model on the grey input repeated 3 times."""
     torch.manual_seed(0)
     rgb = _randomised(vit_tiny(patch_size=8, in_chans=3)).eval()
     grey_model = vit_tiny(patch_size=8, in_chans=1).eval()
-    report = load_dinov3_checkpoint(grey_model, rgb.state_dict())
+    report = load_dinov3_checkpoint(grey_model, rgb.state_dict(), checkpoint_norm=None)
     assert [(a.old_shape, a.new_shape) for a in report.adapted] == [((192, 3, 8, 8), (192, 1, 8, 8))]
-    assert "summed 3 input channels" in report.adapted[0].how
+    assert report.adapted[0].how == "summed 3 input channels"
+    torch.testing.assert_close(grey_model.patch_embed.proj.bias, rgb.patch_embed.proj.bias, rtol=0, atol=0)
     grey = _image(chans=1)
     with torch.no_grad():
         a = grey_model.forward_features(grey)
@@ -304,6 +309,32 @@ def test_channel_folding_equals_grey_repeated_three_times():
         fold_input_channels(torch.zeros(4, 3, 2, 2), 2)
 
 
+def test_normalisation_fold_hand_case_and_errors():
+    # one output, a 1x1 kernel per channel: y = sum_c w_c (g - m_c) / s_c + b must equal w' (g - m) / s + b'
+    w = torch.tensor([[[[1.0]], [[2.0]], [[-1.0]]]], dtype=torch.float64)
+    b = torch.tensor([0.5], dtype=torch.float64)
+    src, dst = InputNorm((0.1, 0.2, 0.3), (0.5, 0.25, 2.0)), InputNorm((0.4,), (0.1,))
+    w1, b1 = fold_input_normalisation(w, b, src, dst)
+    # w' = 0.1 * (1/0.5 + 2/0.25 - 1/2) = 0.95; b' = 0.5 + 1*(0.3/0.5) + 2*(0.2/0.25) - 1*(0.1/2) = 2.65
+    assert w1.shape == (1, 1, 1, 1) and w1.item() == pytest.approx(0.95) and b1.item() == pytest.approx(2.65)
+    for g in (0.0, 0.37, 1.0):
+        y3 = sum(w[0, c, 0, 0] * (g - src.mean[c]) / src.std[c] for c in range(3)) + b[0]
+        assert (w1[0, 0, 0, 0] * (g - 0.4) / 0.1 + b1[0]).item() == pytest.approx(y3.item(), abs=1e-12)
+    # equal statistics: the plain sum, bias untouched
+    same = InputNorm((0.449,) * 3, (0.226,) * 3)
+    w2, b2 = fold_input_normalisation(w, b, same, InputNorm((0.449,), (0.226,)))
+    torch.testing.assert_close(w2, w.sum(1, keepdim=True))
+    torch.testing.assert_close(b2, b)
+    with pytest.raises(ValueError, match="source normalisation has 3 channels"):
+        fold_input_normalisation(torch.zeros(2, 2, 1, 1), torch.zeros(2), IMAGENET_NORM, dst)
+    with pytest.raises(ValueError, match="every std must be > 0"):
+        InputNorm((0.5,), (0.0,))
+    state = vit_tiny(patch_size=8, in_chans=3).state_dict()
+    del state["patch_embed.proj.bias"]
+    with pytest.raises(ValueError, match="patch_embed.proj.bias is not in the checkpoint"):
+        load_dinov3_checkpoint(vit_tiny(patch_size=8, in_chans=1), state)
+
+
 def test_fold_and_resize_together_are_reported():
     # the ViT-S/16 RGB release -> the 1-channel ViT-S/8 this project trains
     state = vit_small(patch_size=16, in_chans=3).state_dict()
@@ -312,7 +343,12 @@ def test_fold_and_resize_together_are_reported():
     assert len(report.adapted) == 1
     adapted = report.adapted[0]
     assert (adapted.old_shape, adapted.new_shape) == ((384, 3, 16, 16), (384, 1, 8, 8))
-    assert adapted.how == "summed 3 input channels; pinv resize 16x16 -> 8x8"
-    expected = patch_embed_resize(state["patch_embed.proj.weight"].sum(1, keepdim=True), 8)
-    torch.testing.assert_close(model.patch_embed.proj.weight, expected)
+    assert adapted.how == ("folded 3 input channels (mean 0.485/0.456/0.406, std 0.229/0.224/0.225 -> mean 0.449, "
+                           "std 0.226; patch_embed.proj.bias shifted); pinv resize 16x16 -> 8x8")
+    # the fold at patch 16 (ImageNet per-channel stats -> dinocell's grey 0.449 / 0.226), then the resize
+    kernel16, bias = fold_input_normalisation(state["patch_embed.proj.weight"], state["patch_embed.proj.bias"],
+                                              IMAGENET_NORM, InputNorm((0.449,), (0.226,)))
+    torch.testing.assert_close(model.patch_embed.proj.weight, patch_embed_resize(kernel16, 8))
+    torch.testing.assert_close(model.patch_embed.proj.bias, bias)
+    assert not torch.allclose(bias, state["patch_embed.proj.bias"])  # the mean shift lands in the bias
     assert report.loaded_keys == 188

@@ -87,7 +87,8 @@ def test_cross_section_checks():
 
 @pytest.mark.parametrize("name", ["tiny", "vits8_jump"])
 def test_packaged_configs_load_and_validate(name):
-    cfg = load_config(packaged_config(name), ["loader.shards=s3://b/shards/index.json"])
+    cfg = load_config(packaged_config(name), ["loader.shards=s3://b/shards/index.json",
+                                              "model.pretrained=s3://b/weights/dinov3_vits16_pretrain_lvd1689m-08c60483.pth"])
     validate_training_config(cfg)
     if name == "vits8_jump":  # the seed's run: defaults everywhere that matters
         assert cfg.model.arch == "vit_small" and cfg.optim.lr == 5e-5 and cfg.train.precision == "bf16"

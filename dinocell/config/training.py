@@ -2,7 +2,8 @@
 
 Registered with the one config system by dinocell.config, beside the data sections. Defaults are the seed's values (configs/vits8_jump.yaml); each `validate()` rejects values
 that cannot work, naming the field. Checks that involve two sections (e.g. the teacher-temperature warm-up against
-the number of epochs) live in `validate_training_config(cfg)`, which `pretrain` calls.
+the number of epochs) or need the final config after every `--set` (model.init against model.pretrained) live in
+`validate_training_config(cfg)`, which `pretrain` and the train step's launcher call before any job starts.
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ class ModelConfig:
     patch_size: int = 8
     # Input channels: 1 (every view is one grey plane); a 3-channel checkpoint kernel is summed over its inputs.
     in_chans: int = 1
-    # Starting weights: "" = random init (a warning is logged); else a path or s3:// URI of a DINOv3 checkpoint
-    # (released backbone state dict, or a training checkpoint with teacher/backbone.* entries).
+    # Starting weights: a path or s3:// URI of a DINOv3 checkpoint (released backbone state dict, or a training
+    # checkpoint with teacher/backbone.* entries); "" = none.
     pretrained: str = ""
+    # How the backbone starts, checked before any job is launched (validate_training_config): "pretrained" =
+    # model.pretrained must be set (continued pretraining must never start from random weights by accident; the
+    # full config says so); "random" = random init on purpose (model.pretrained must be empty); "auto" = pretrained
+    # when model.pretrained is set, else random with a warning (tests, tiny, small experiments).
+    init: Literal["auto", "pretrained", "random"] = "auto"
     # Overrides of the arch's width / depth / heads (0 = the arch's value); only for small test models.
     embed_dim: int = 0
     depth: int = 0
@@ -77,6 +83,11 @@ class ModelConfig:
                  "0 (off) or >= 1 (range [1/r, r])", self.rope_rescale)
         for name in ("n_prototypes", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers"):
             _require(getattr(self, name) >= 1, f"model.{name}", ">= 1", getattr(self, name))
+
+    @property
+    def starts_pretrained(self) -> bool:
+        """Whether the backbone starts from model.pretrained (after validate_training_config: consistent with init)."""
+        return self.init == "pretrained" or (self.init == "auto" and bool(self.pretrained))
 
     def backbone_kwargs(self, student: bool) -> dict:
         """Keyword arguments of `build_vit` for the student (drop path, RoPE rescale) or the teacher (neither)."""
@@ -162,6 +173,14 @@ class OptimConfig:
     patch_embed_lr_mult: float = 1.0
     # Epochs during which the heads' prototype layers (last_layer) get lr 0 (DINOv3 option 1).
     freeze_last_layer_epochs: float = 0.0
+    # Head warm-up: for the first head_warmup_iters iterations the backbone's lr is multiplied by
+    # head_warmup_backbone_lr_mult (0 = frozen: no backbone gradient, no AdamW state, and the teacher backbone
+    # stays put too) while the randomly initialised DINO/iBOT heads learn to read the pretrained features. Only
+    # applies when the backbone starts from model.pretrained (see ModelConfig.init): a random backbone has nothing
+    # to protect, so it is ignored (with a log line) for random init. Composes multiplicatively with the lr
+    # schedule, layer decay and patch_embed_lr_mult; the iteration alone decides, so a resume is exact.
+    head_warmup_iters: int = 0
+    head_warmup_backbone_lr_mult: float = 0.0
 
     def validate(self) -> None:
         _require(_finite(self.lr) and self.lr > 0, "optim.lr", "> 0", self.lr)
@@ -185,6 +204,15 @@ class OptimConfig:
         _require(self.patch_embed_lr_mult >= 0, "optim.patch_embed_lr_mult", ">= 0", self.patch_embed_lr_mult)
         _require(0 <= self.freeze_last_layer_epochs <= self.epochs, "optim.freeze_last_layer_epochs",
                  f"in [0, optim.epochs={self.epochs}]", self.freeze_last_layer_epochs)
+        _require(isinstance(self.head_warmup_iters, int) and self.head_warmup_iters >= 0, "optim.head_warmup_iters",
+                 "an integer >= 0 (0 = off)", self.head_warmup_iters)
+        if self.iters_per_epoch:
+            total = self.epochs * self.iters_per_epoch
+            _require(self.head_warmup_iters <= total, "optim.head_warmup_iters",
+                     f"<= the run's {total} iterations (optim.epochs x optim.iters_per_epoch)", self.head_warmup_iters)
+        _require(_finite(self.head_warmup_backbone_lr_mult) and 0 <= self.head_warmup_backbone_lr_mult <= 1,
+                 "optim.head_warmup_backbone_lr_mult", "in [0, 1] (0 = backbone frozen)",
+                 self.head_warmup_backbone_lr_mult)
 
 
 @dataclass
@@ -249,10 +277,41 @@ def total_iterations(optim: OptimConfig, iters_per_epoch: int) -> int:
     return optim.epochs * iters_per_epoch
 
 
+def effective_head_warmup_iters(cfg) -> int:
+    """optim.head_warmup_iters when the backbone starts from pretrained weights, else 0 (nothing to protect)."""
+    return cfg.optim.head_warmup_iters if cfg.model.starts_pretrained else 0
+
+
+def _init_problems(model) -> list[str]:
+    """model.init against model.pretrained. Checked here, on the final config (after every --set), not per section:
+    the full config says init=pretrained with pretrained "" and expects the weights as an override."""
+    if model.init == "pretrained" and not model.pretrained:
+        return [
+            "model.pretrained is empty but model.init=pretrained: continued pretraining would start from RANDOM "
+            "weights. Pass the DINOv3 checkpoint, e.g. --set model.pretrained=s3://BUCKET/"
+            "dinov3_vits16_pretrain_lvd1689m-08c60483.pth (or a local path; in the pipeline: "
+            "overrides=[\"model.pretrained=...\"]), or set model.init=random to train from random weights on purpose"
+        ]
+    if model.init == "random" and model.pretrained:
+        return [
+            f"model.init=random but model.pretrained={model.pretrained!r} is set: clear model.pretrained, or set "
+            "model.init=pretrained (or auto) to start from it"
+        ]
+    return []
+
+
+def check_model_init(model) -> None:
+    """Only the model.init / model.pretrained check (raises ConfigError), for callers that hold a config whose data
+    fields are filled in later (e.g. a pipeline submission, where loader.shards comes from the shard step)."""
+    problems = _init_problems(model)
+    if problems:
+        raise ConfigError("config error: " + "; ".join(problems))
+
+
 def validate_training_config(cfg) -> None:
     """Checks that span sections; raises dinocell.config.ConfigError naming the fields."""
 
-    problems = []
+    problems = _init_problems(cfg.model)
     if cfg.loss.warmup_teacher_temp_epochs > cfg.optim.epochs:
         problems.append(
             f"loss.warmup_teacher_temp_epochs={cfg.loss.warmup_teacher_temp_epochs} exceeds optim.epochs={cfg.optim.epochs}"

@@ -6,7 +6,9 @@ released `dinov3_vits16_pretrain_*.pth`), or a training checkpoint `{"teacher" |
 backbone entries carry a `backbone.` prefix (head entries are skipped and listed in the report).
 
 Adaptations of the patch kernel (16 -> 8, RGB -> 1 channel; dinocell.model.patch_adapt) are listed in the report with
-old and new shape.
+old and new shape. RGB -> 1 folds DINOv3's per-channel ImageNet normalisation into the kernel and bias, for grey
+inputs normalised the way dinocell normalises its crops (`input_norm`, default augment.norm_mean / norm_std's
+defaults: pass the run's values when they differ).
 Anything else that does not match (missing, unexpected or wrongly shaped entries) raises one ValueError that lists
 every offending key with expected and found shapes. The only entries that may be absent are the derivable buffers
 (`rope_embed.periods`, `*.attn.qkv.bias_mask`): they keep the model's computed values and are listed as defaulted.
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from dinocell.model.patch_adapt import AdaptedKey, adapt_patch_kernel
+from dinocell.config.augment import AugmentConfig
+from dinocell.model.patch_adapt import IMAGENET_NORM, AdaptedKey, InputNorm, adapt_patch_kernel
 
 TRAINING_SECTIONS = ("teacher", "model", "student")
 # tried in order; the first one that some keys start with is stripped (others are reported as ignored)
@@ -133,6 +136,13 @@ def extract_backbone_state_dict(
 
 
 # ----------------------------------------------------------------------------------------------- loading
+def dinocell_input_norm(mean: float | None = None, std: float | None = None) -> InputNorm:
+    """The grey-channel normalisation of dinocell's crops (x / 255 - mean) / std; None = AugmentConfig's default."""
+    defaults = AugmentConfig()
+    return InputNorm((defaults.norm_mean if mean is None else float(mean),),
+                     (defaults.norm_std if std is None else float(std),))
+
+
 def _is_derivable_buffer(key: str) -> bool:
     return key == "rope_embed.periods" or key.endswith(".attn.qkv.bias_mask")
 
@@ -147,17 +157,22 @@ def load_dinov3_checkpoint(
     strict: bool = True,
     which: str | None = None,
     patch_resize_method: str = "pinv",
+    input_norm: InputNorm | None = None,
+    checkpoint_norm: InputNorm | None = IMAGENET_NORM,
 ) -> LoadReport:
     """Load a DINOv3-layout checkpoint into `model` (adapting patch size / input channels) and report what was done.
 
     strict=True: any missing or unexpected backbone key raises. strict=False: they are listed in the report instead.
     Shape mismatches that cannot be adapted always raise. `which` picks a training-checkpoint section explicitly
-    (default: the first of teacher, model, student that is present).
+    (default: the first of teacher, model, student that is present). A 3-channel kernel loaded into a 1-channel
+    model is folded from `checkpoint_norm` (DINOv3's ImageNet per-channel statistics; None = only sum the
+    channels) to `input_norm` (the model's grey inputs; default `dinocell_input_norm()`).
     """
     obj, source = read_checkpoint(path_or_obj)
     state, fmt, prefix, ignored = extract_backbone_state_dict(obj, which, source)
     target = model.state_dict()
-    adapted = adapt_patch_kernel(state, target, patch_resize_method)
+    adapted = adapt_patch_kernel(state, target, patch_resize_method, source_norm=checkpoint_norm,
+                                 target_norm=input_norm or dinocell_input_norm())
 
     absent = [k for k in target if k not in state]
     defaulted = [k for k in absent if _is_derivable_buffer(k)]

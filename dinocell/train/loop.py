@@ -2,7 +2,7 @@
 
 One iteration on each rank: next batch of uint8 fields with its iBOT masks (both made in the DataLoader workers:
 dinocell.train.batches) -> device -> multi-view crops (augmentation on the device, seeded generator) -> scheduled
-lr / wd / momentum / teacher temperature -> forward-backward (dinocell.train.ssl_model) -> per-part gradient clipping -> finite check (all ranks agree) -> AdamW
+lr / wd / momentum / teacher temperature / head warm-up -> forward-backward (dinocell.train.ssl_model) -> per-part gradient clipping -> finite check (all ranks agree) -> AdamW
 step -> EMA teacher update (dinocell.train.ema). An epoch is `optim.iters_per_epoch` iterations (DINOv3's
 convention); the data streams are endless and keep their own epochs.
 
@@ -16,6 +16,10 @@ generator: dinocell.train.seeds; the iBOT masks are a function of the iteration)
 (ShardStream.state_dict; raw mode restarts its current data epoch, which is the only inexact case). Batches are consumed in a fixed worker order (iteration i takes worker
 i % num_workers's next batch), so a multi-worker shard loader also resumes bit-exactly.
 
+Head warm-up (optim.head_warmup_iters, pretrained init only): before that iteration the backbone's lr is multiplied
+by optim.head_warmup_backbone_lr_mult; at 0 the student backbone gets no gradient and the teacher backbone no EMA
+step, so both stay bit-exact while the heads learn. The iteration alone decides, so resuming mid-warm-up is exact.
+
 Non-finite loss or gradient: nan_policy "stop" raises NonFiniteLossError naming the iteration, the loss terms and
 the last good checkpoint (never overwritten by a bad state); "skip" drops that update (no step, no EMA), counts it,
 and stops once more than max_skips updates were dropped.
@@ -27,7 +31,6 @@ of that iteration and raises Preempted (SystemExit 143); the restarted job resum
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,9 +41,11 @@ import torch
 import torch.distributed as dist
 
 from dinocell import storage
-from dinocell.config.training import validate_training_config
+from dinocell.config.training import effective_head_warmup_iters, validate_training_config
 from dinocell.data.multiview import MultiViewAugment
 from dinocell.log import get_logger, setup_logging
+from dinocell.model.patch_adapt import InputNorm
+from dinocell.progress import Progress
 from dinocell.train.batches import TrainingBatches
 from dinocell.train.distributed import all_gather_objects, setup_distributed
 from dinocell.train.optim import apply_schedules, build_optimizer
@@ -81,12 +86,6 @@ def _run_paths(train_cfg) -> tuple[str, str, bool]:
         base = os.environ.get("DINOCELL_LOCAL_RUN_DIR") or tempfile.mkdtemp(prefix="dinocell-run-")
         return output_uri, str(Path(base) / train_cfg.name), True
     return output_uri, str(storage.local_path(output_uri)), False
-
-
-def _progress_enabled(train_cfg, rank: int) -> bool:
-    if rank != 0 or train_cfg.progress is False:
-        return False
-    return train_cfg.progress is True or sys.stderr.isatty()
 
 
 def _data_note(values: dict) -> str:
@@ -132,11 +131,16 @@ class Trainer:
         # model: the same init on every rank (DDP broadcasts rank 0's anyway)
         torch.manual_seed(cfg.train.seed)
         self.meta = SSLMetaArch(cfg.model, cfg.loss, precision=cfg.train.precision)
-        if cfg.model.pretrained:
-            report = self.meta.load_pretrained(cfg.model.pretrained)
+        if cfg.model.starts_pretrained:  # validate_training_config: init=pretrained has model.pretrained set
+            # the RGB kernel is folded for the grey crops exactly as this run normalises them
+            norm = InputNorm((cfg.augment.norm_mean,), (cfg.augment.norm_std,))
+            report = self.meta.load_pretrained(cfg.model.pretrained, input_norm=norm)
             log.info("pretrained weights: %s", report.summary())
+        elif cfg.model.init == "random":
+            log.info("model.init=random: the backbone starts from random weights, as configured")
         else:
-            log.warning("model.pretrained is empty: the backbone starts from RANDOM weights")
+            log.warning("model.pretrained is empty: the backbone starts from RANDOM weights (set model.pretrained, "
+                        "or model.init=random to say that this is intended)")
         self.meta.to(env.device)
         if env.distributed:
             self.meta.wrap_ddp(env.device)
@@ -148,7 +152,15 @@ class Trainer:
         self.data = TrainingBatches(cfg, env)
         ipe = cfg.optim.iters_per_epoch or self.data.iters_per_epoch()
         self.iters_per_epoch = ipe
-        self.schedules = TrainingSchedules.from_config(cfg.optim, cfg.loss, ipe)
+        head_warmup = effective_head_warmup_iters(cfg)
+        self.schedules = TrainingSchedules.from_config(cfg.optim, cfg.loss, ipe, head_warmup_iters=head_warmup)
+        if head_warmup:
+            mult = cfg.optim.head_warmup_backbone_lr_mult
+            log.info("head warm-up: iterations 0-%d train the heads with the backbone's lr x %g%s", head_warmup - 1,
+                     mult, " (frozen: student and teacher backbones stay put)" if mult == 0 else "")
+        elif cfg.optim.head_warmup_iters:
+            log.info("optim.head_warmup_iters=%d not applied: the backbone starts from random weights",
+                     cfg.optim.head_warmup_iters)
         self.end_iteration = cfg.train.max_iters or self.schedules.total_iters
         self.augment = MultiViewAugment(cfg.augment)
 
@@ -267,9 +279,10 @@ class Trainer:
     def _step(self, inputs: SSLInputs) -> tuple[torch.Tensor, dict, bool]:
         """(stacked losses [len(LOSS_KEYS)], schedule values, whether the update was applied)."""
         sched = self.schedules.at(self.iteration)
-        apply_schedules(self.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
+        apply_schedules(self.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"], sched["backbone_lr_mult"])
+        train_backbone = sched["backbone_lr_mult"] > 0  # 0: head warm-up with a frozen backbone
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self.meta.forward_backward(inputs, sched["teacher_temp"])
+        losses = self.meta.forward_backward(inputs, sched["teacher_temp"], train_backbone=train_backbone)
         norms = self.meta.clip_gradients(self.cfg.optim.clip_grad)
         stacked = torch.stack([losses[k] for k in LOSS_KEYS])
         bad = (~torch.isfinite(stacked).all() | ~torch.isfinite(norms).all()).to(torch.int32)
@@ -284,7 +297,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return stacked, sched, False
         self.optimizer.step()
-        self.meta.update_teacher(sched["momentum"])
+        self.meta.update_teacher(sched["momentum"], backbone=train_backbone)
         self._last_norms = norms
         return stacked, sched, True
 
@@ -327,6 +340,7 @@ class Trainer:
         values.update({
             "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],
             "teacher_temp": sched["teacher_temp"], "last_layer_lr": sched["last_layer_lr"],
+            "backbone_lr_mult": sched["backbone_lr_mult"],
             "epoch": self.iteration / self.iters_per_epoch,
             "fields_per_s": fields / max(elapsed, 1e-9),
             "s_per_iter": elapsed / max(window.iters, 1),
@@ -376,11 +390,8 @@ class Trainer:
                  self.output_uri, self.iteration, self.end_iteration, self.iters_per_epoch, env.world_size,
                  env.device, tcfg.precision)
         batches = self.data.batches(self.iteration)
-        progress = None
-        if _progress_enabled(tcfg, env.rank):
-            from tqdm import tqdm
-
-            progress = tqdm(total=self.end_iteration, initial=self.iteration, dynamic_ncols=True, desc="pretrain")
+        progress = Progress("pretrain", total=self.end_iteration, initial=self.iteration, unit="it",
+                            mode=tcfg.progress if env.rank == 0 else False)
         window = _Window()
         final_losses: dict[str, float] = {}
         sched = self.schedules.at(self.iteration)

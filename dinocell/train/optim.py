@@ -7,8 +7,11 @@ Each student parameter gets three properties, and parameters that share them sha
   tokens, i + 1 for block i, depth + 1 for the final norm and the heads (as DINOv2's get_vit_lr_decay_rate), times
   patch_embed_lr_mult for the patch embedding;
 - is_last_layer: the heads' prototype matrices (`last_layer`), which follow the last-layer lr schedule (0 while
-  frozen in the first epochs).
-`apply_schedules` writes the scheduled lr / weight decay into every group each iteration.
+  frozen in the first epochs);
+- is_backbone: the backbone's parameters, whose lr the head warm-up multiplies (optim.head_warmup_*), so backbone and
+  head parameters never share a group.
+`apply_schedules` writes the scheduled lr / weight decay into every group each iteration: lr = scheduled lr (or the
+last-layer lr) x lr_multiplier x (backbone_lr_mult for backbone groups).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class ParamRule:
     lr_multiplier: float
     wd_multiplier: float
     is_last_layer: bool
+    is_backbone: bool = False
 
 
 def _layer_id(name: str, depth: int) -> int:
@@ -54,14 +58,14 @@ def param_rule(name: str, depth: int, layer_decay: float, patch_embed_lr_mult: f
     if name.startswith("backbone.patch_embed."):
         lr_mult *= patch_embed_lr_mult
     wd_mult = 0.0 if no_weight_decay(name) else 1.0
-    return ParamRule(lr_mult, wd_mult, ".last_layer." in f".{name}")
+    return ParamRule(lr_mult, wd_mult, ".last_layer." in f".{name}", name.startswith("backbone."))
 
 
 def build_param_groups(
     named_params: Iterable[tuple[str, nn.Parameter]], depth: int, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0
 ) -> list[dict]:
     """Optimizer groups, in order of first appearance, each {"params", "names", "lr_multiplier", "wd_multiplier",
-    "is_last_layer"}; parameters that do not require grad are left out."""
+    "is_last_layer", "is_backbone"}; parameters that do not require grad are left out."""
     groups: dict[ParamRule, dict] = {}
     for name, param in named_params:
         if not param.requires_grad:
@@ -75,6 +79,7 @@ def build_param_groups(
                 "lr_multiplier": rule.lr_multiplier,
                 "wd_multiplier": rule.wd_multiplier,
                 "is_last_layer": rule.is_last_layer,
+                "is_backbone": rule.is_backbone,
             }
         group["params"].append(param)
         group["names"].append(name)
@@ -91,8 +96,11 @@ def build_optimizer(named_params, depth: int, optim_cfg, device: torch.device) -
                              weight_decay=optim_cfg.weight_decay, **kwargs)
 
 
-def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
+def apply_schedules(
+    optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float, backbone_lr_mult: float = 1.0
+) -> None:
     for group in optimizer.param_groups:
         base = last_layer_lr if group["is_last_layer"] else lr
-        group["lr"] = base * group["lr_multiplier"]
+        mult = group["lr_multiplier"] * (backbone_lr_mult if group["is_backbone"] else 1.0)
+        group["lr"] = base * mult
         group["weight_decay"] = wd * group["wd_multiplier"]

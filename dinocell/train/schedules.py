@@ -10,8 +10,9 @@ to `base_value` over `warmup_iters`, then a half cosine from `base_value` to `fi
 
 Iterations past the end keep the final value. Closed form means no per-iteration array (the full run is 240,000
 iterations) and the value at any iteration is known after a resume from the iteration number alone.
-`TrainingSchedules` bundles the five schedules of a run (lr, last-layer lr, weight decay, teacher momentum, teacher
-temperature) built from the config.
+`TrainingSchedules` bundles the schedules of a run (lr, last-layer lr, weight decay, teacher momentum, teacher
+temperature, and the head warm-up's backbone lr multiplier: a step from optim.head_warmup_backbone_lr_mult to 1 at
+head_warmup_iters) built from the config.
 """
 
 from __future__ import annotations
@@ -80,12 +81,16 @@ class TrainingSchedules:
     weight_decay: CosineSchedule
     momentum: CosineSchedule
     teacher_temp: CosineSchedule
+    # head warm-up: the backbone's lr is multiplied by head_warmup_backbone_lr_mult before head_warmup_iters
+    head_warmup_iters: int = 0
+    head_warmup_backbone_lr_mult: float = 0.0
 
     @classmethod
-    def from_config(cls, optim, loss, iters_per_epoch: int) -> TrainingSchedules:
+    def from_config(cls, optim, loss, iters_per_epoch: int, head_warmup_iters: int | None = None) -> TrainingSchedules:
         """Schedules of a run with `optim.epochs` epochs of `iters_per_epoch` iterations (DINOv3's definitions:
         lr warm-up then cosine to min_lr; the last layer's lr is the same with the first
-        freeze_last_layer_epochs at 0; weight decay and momentum cosines; teacher temperature warm-up then flat)."""
+        freeze_last_layer_epochs at 0; weight decay and momentum cosines; teacher temperature warm-up then flat).
+        head_warmup_iters: None = optim.head_warmup_iters (the trainer passes 0 for a random-init backbone)."""
         if iters_per_epoch < 1:
             raise ValueError(f"iters_per_epoch must be >= 1, got {iters_per_epoch}")
         total = optim.epochs * iters_per_epoch
@@ -97,11 +102,18 @@ class TrainingSchedules:
         momentum = CosineSchedule(optim.momentum_teacher, optim.momentum_teacher_end, total)
         temp_warmup = min(epochs_to_iters(loss.warmup_teacher_temp_epochs, iters_per_epoch), total)
         teacher_temp = linear_warmup_then_constant(loss.teacher_temp, loss.warmup_teacher_temp, temp_warmup, total)
-        return cls(lr, last_layer_lr, wd, momentum, teacher_temp)
+        head_warmup = optim.head_warmup_iters if head_warmup_iters is None else head_warmup_iters
+        if not 0 <= head_warmup <= total:
+            raise ValueError(f"optim.head_warmup_iters={head_warmup} must be in [0, {total}] (the run's iterations)")
+        return cls(lr, last_layer_lr, wd, momentum, teacher_temp, head_warmup, optim.head_warmup_backbone_lr_mult)
 
     @property
     def total_iters(self) -> int:
         return self.lr.total_iters
+
+    def backbone_lr_mult(self, iteration: int) -> float:
+        """The head warm-up's factor on the backbone's lr: the configured multiplier during warm-up, then 1."""
+        return self.head_warmup_backbone_lr_mult if iteration < self.head_warmup_iters else 1.0
 
     def at(self, iteration: int) -> dict[str, float]:
         return {
@@ -110,6 +122,7 @@ class TrainingSchedules:
             "wd": self.weight_decay(iteration),
             "momentum": self.momentum(iteration),
             "teacher_temp": self.teacher_temp(iteration),
+            "backbone_lr_mult": self.backbone_lr_mult(iteration),
         }
 
 

@@ -13,6 +13,10 @@ multi-view crops:
    iBOT head on the student's masked patch tokens; KoLeo on the student's normed CLS of each global crop;
    total = dino_weight * dino + ibot_weight * ibot + koleo_weight * koleo, then backward.
 
+Head warm-up (`train_backbone=False`): the student backbone runs without autograd (no backbone gradient, so AdamW
+skips its parameters and they stay bit-exact; the backbone backward is not computed at all) and `update_teacher`
+leaves the teacher backbone alone; the heads train as usual.
+
 Precision: bf16 autocast around the networks (fp32 master weights, fp32 residual stream), every loss in fp32.
 Gradient clipping is per student part (backbone, each head), as DINOv2/DINOv3 clip each FSDP module.
 Distributed: `wrap_ddp` puts each student part in its own DistributedDataParallel (each is called exactly once per
@@ -154,9 +158,11 @@ class SSLMetaArch(nn.Module):
         """teacher <- student (after loading pretrained weights or after DDP broadcast rank 0's student)."""
         ema.reset_teacher(self.teacher, self.student)
 
-    def load_pretrained(self, path_or_uri: str):
-        """DINOv3 backbone weights into the student backbone (patch / channel adapted), then teacher <- student."""
-        report = load_dinov3_checkpoint(self.student.backbone, path_or_uri, strict=True)
+    def load_pretrained(self, path_or_uri: str, input_norm=None):
+        """DINOv3 backbone weights into the student backbone (patch / channel adapted; the RGB kernel folded for grey
+        crops normalised with `input_norm`, dinocell.model.patch_adapt.InputNorm, default dinocell's), then
+        teacher <- student."""
+        report = load_dinov3_checkpoint(self.student.backbone, path_or_uri, strict=True, input_norm=input_norm)
         self.reset_teacher()
         return report
 
@@ -211,8 +217,9 @@ class SSLMetaArch(nn.Module):
         ibot_targets = sinkhorn_knopp(ibot_logits, teacher_temp, n_iter)
         return dino_targets.unflatten(0, (inputs.n_global_crops, inputs.batch_size)), ibot_targets
 
-    def compute_losses(self, inputs: SSLInputs, teacher_temp: float) -> dict[str, Tensor]:
-        """The loss terms (fp32 scalars, `total` with graph) for one batch; see the module docstring."""
+    def compute_losses(self, inputs: SSLInputs, teacher_temp: float, train_backbone: bool = True) -> dict[str, Tensor]:
+        """The loss terms (fp32 scalars, `total` with graph) for one batch; see the module docstring.
+        train_backbone=False (head warm-up): the student backbone runs without autograd, only the heads get grads."""
         n_global, batch, n_local = inputs.n_global_crops, inputs.batch_size, inputs.n_local_crops
         if inputs.masks.n_images != inputs.global_crops.shape[0]:
             raise ValueError(
@@ -228,7 +235,8 @@ class SSLMetaArch(nn.Module):
             if n_local:
                 xs.append(inputs.local_crops)
                 masks.append(None)
-            outs = self.calls["student_backbone"](xs, masks)
+            with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
+                outs = self.calls["student_backbone"](xs, masks)
             global_cls, global_patches = outs[0]
             all_cls = torch.cat([global_cls] + [o[0] for o in outs[1:]])
             masked = global_patches.flatten(0, 1).index_select(0, inputs.masks.mask_indices)
@@ -252,9 +260,10 @@ class SSLMetaArch(nn.Module):
             "koleo": koleo.detach(),
         }
 
-    def forward_backward(self, inputs: SSLInputs, teacher_temp: float) -> dict[str, Tensor]:
-        """Losses of one batch and their backward into the student's .grad; returns detached fp32 scalars."""
-        losses = self.compute_losses(inputs, teacher_temp)
+    def forward_backward(self, inputs: SSLInputs, teacher_temp: float, train_backbone: bool = True) -> dict[str, Tensor]:
+        """Losses of one batch and their backward into the student's .grad; returns detached fp32 scalars.
+        train_backbone=False: the backbone gets no gradient (head warm-up with a frozen backbone)."""
+        losses = self.compute_losses(inputs, teacher_temp, train_backbone)
         losses["total"].backward()
         losses["total"] = losses["total"].detach()
         return losses
@@ -277,6 +286,14 @@ class SSLMetaArch(nn.Module):
                 norms.append(torch.nn.utils.get_total_norm([p.grad for p in params]).float())
         return torch.stack(norms)
 
-    def update_teacher(self, momentum: float) -> None:
-        """The EMA step: teacher = momentum * teacher + (1 - momentum) * student (dinocell.train.ema)."""
-        ema.update_teacher(self.teacher, self.student, momentum)
+    def update_teacher(self, momentum: float, backbone: bool = True) -> None:
+        """The EMA step: teacher = momentum * teacher + (1 - momentum) * student (dinocell.train.ema).
+
+        backbone=False (frozen head warm-up): only the heads move. Skipping the backbone keeps it bit-exact: the EMA of
+        two equal tensors, m * t + (1 - m) * t, is not always t in floating point."""
+        if backbone:
+            ema.update_teacher(self.teacher, self.student, momentum)
+            return
+        for name, part in self.student.items():
+            if name != "backbone":
+                ema.update_teacher(self.teacher[name], part, momentum)
