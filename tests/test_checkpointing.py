@@ -1,16 +1,22 @@
 import json
 import logging
+import os
 import random
+import subprocess
+import tempfile
+import time
 
 import numpy as np
 import pytest
 import torch
+from fault_proxy import FaultProxy
 from torch import nn
 
 from dinocell import storage
 from dinocell.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    CheckpointUnreadable,
     capture_rng_state,
     check_weights_only_types,
     restore_rng_state,
@@ -284,3 +290,104 @@ def test_save_older_iteration_is_never_pruned(tmp_path):
     mgr.save(100, {"it": 100})
     assert [it for it, _ in mgr.list()] == [100, 200]
     assert mgr.latest() == str(tmp_path / "ckpt-00000100.pt") and mgr.load()["it"] == 100
+
+
+# ----------------------------------------------------------------------------------------------- unreadable != absent
+
+
+def test_records_that_cannot_be_parsed_are_an_error_never_a_fresh_start(tmp_path):
+    """Corrupt JSON in the pointer and in every record used to read as "no checkpoint": a run restarted at
+    iteration 0 and overwrote them. It must fail naming them; only a root without any record is fresh."""
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"it": 1})
+    mgr.save(2, {"it": 2})
+    for name in ("latest.json", "ckpt-00000001.pt.json", "ckpt-00000002.pt.json"):
+        (tmp_path / name).write_text("{truncated")
+    with pytest.raises(CheckpointUnreadable, match=r"ckpt-00000002\.pt\.json.*refusing to start from scratch") as e:
+        CheckpointManager(tmp_path).load()
+    assert "\n" not in str(e.value) and str(tmp_path / "ckpt-00000002.pt") in e.value.uris
+    with pytest.raises(CheckpointUnreadable):
+        CheckpointManager(tmp_path).latest() or CheckpointManager(tmp_path).load()
+
+
+def test_a_checkpoint_that_fails_to_load_falls_back_and_says_so(tmp_path):
+    """Data that matches its record but is no torch checkpoint: the older one is used, named in passed_over."""
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"it": 1})
+    mgr.save(2, {"it": 2})
+    junk = b"not a torch checkpoint"
+    (tmp_path / "ckpt-00000002.pt").write_bytes(junk)
+    rec = {"checkpoint": "ckpt-00000002.pt", "iteration": 2, "size": len(junk),
+           "sha256": __import__("hashlib").sha256(junk).hexdigest()}
+    for name in ("latest.json", "ckpt-00000002.pt.json"):
+        (tmp_path / name).write_text(json.dumps(rec))
+    found = CheckpointManager(tmp_path).resolve()
+    assert (found.uri, found.iteration, found.state["it"]) == (str(tmp_path / "ckpt-00000001.pt"), 1, 1)
+    assert [u for u, _ in found.passed_over] == [str(tmp_path / "ckpt-00000002.pt")]
+    assert "ckpt-00000002.pt" in found.passed_over[0][1] and "torch" in found.passed_over[0][1]
+
+
+@pytest.fixture
+def s3_run(s3_server, s3_bucket):
+    root = f"s3://{s3_bucket}/run/checkpoints"
+    mgr = CheckpointManager(root)
+    mgr.save(1, {"it": 1})
+    mgr.save(2, {"it": 2})
+    yield s3_server, root
+    storage.configure(storage.StorageConfig(endpoint_url=s3_server.endpoint_url, anonymous=False))
+
+
+def _via(proxy, attempts=2):
+    storage.configure(storage.StorageConfig(endpoint_url=proxy.url, anonymous=False, max_attempts=attempts,
+                                            connect_timeout_s=2, read_timeout_s=5))
+
+
+@pytest.mark.parametrize("fault", ["503", "500", "reset", "truncate"])
+def test_a_pointer_unreadable_after_the_retries_is_an_error_not_a_fresh_run(s3_run, fault):
+    server, root = s3_run
+    with FaultProxy(server.endpoint_url, [fault] * 200) as proxy:  # every object GET fails
+        _via(proxy)
+        with pytest.raises(CheckpointUnreadable, match=r"latest\.json after the storage layer's retries") as e:
+            CheckpointManager(root).load()
+    assert proxy.injected[fault] >= 2  # retried by the storage layer first (botocore counts retries, not attempts)
+    assert e.value.uris == [f"{root}/latest.json"] and "\n" not in str(e.value)
+
+
+def test_a_transient_failure_of_the_newest_data_never_falls_back_to_an_older_checkpoint(s3_run):
+    """Falling back would redo work and, at the next save, overwrite the intact newest checkpoint."""
+    server, root = s3_run
+    with FaultProxy(server.endpoint_url, ["truncate"] * 50, match="ckpt-00000002.pt") as proxy:
+        _via(proxy)
+        with pytest.raises(CheckpointUnreadable, match=r"ckpt-00000002\.pt after the storage layer's retries"):
+            CheckpointManager(root).load()
+        # once storage answers, the newest is there, intact
+        proxy.plan.clear()
+        assert CheckpointManager(root).load()["it"] == 2
+
+
+def test_the_first_save_removes_stale_temp_files_of_killed_saves(tmp_path, monkeypatch, caplog):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is free now: the owner of this staging file is provably dead
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    files = {
+        tmp / f"dinocell-ckpt-{dead.pid}-a1.pt": False,  # dead owner: removed
+        tmp / f"dinocell-ckpt-{os.getpid()}-b2.pt": True,  # a live writer's: kept
+        tmp / "dinocell-ckpt-old.txt": True,  # not our pattern
+        root / ".ckpt-00000005.pt.x7.tmp": False,  # an interrupted local atomic write, past the grace period
+        root / ".latest.json.q1.tmp": True,  # the same, but fresh: may be in flight
+    }
+    for p in files:
+        p.write_bytes(b"partial")
+    old = time.time() - 7 * 3600
+    os.utime(root / ".ckpt-00000005.pt.x7.tmp", (old, old))
+    mgr = CheckpointManager(root)
+    with caplog.at_level(logging.INFO, logger="dinocell"):
+        mgr.save(6, {"it": 6})
+    assert {p.name for p, keep in files.items() if p.exists()} == {p.name for p, keep in files.items() if keep}
+    assert mgr.cleaned_temps == 2 and "removed 1 stale temp file" in caplog.text
+    mgr.save(7, {"it": 7})  # once per manager (run), not at every save
+    assert mgr.cleaned_temps == 2

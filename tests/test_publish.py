@@ -222,3 +222,44 @@ def test_bad_names_are_refused(tmp_path):
     for name, version in (("a/b", "v1"), ("m", "latest"), ("m", "../v1"), ("", "v1")):
         with pytest.raises(PublishError, match="must be letters, digits"):
             publish(str(tmp_path / "x.pt"), str(tmp_path), name, version)
+
+
+def _trainer_state(cfg, teacher, iteration):
+    state = {f"backbone.{k}": v for k, v in teacher.state_dict().items()}
+    return {"teacher": state, "student": dict(state), "config": cfg.to_dict(), "iteration": iteration}
+
+
+def test_a_run_directory_publishes_the_checkpoint_it_names_and_says_which_newer_ones_were_unusable(tmp_path):
+    """The newest checkpoint of the run is corrupt: the older one is published, and the release says so exactly
+    (it used to name the corrupt newest one as its source while publishing the older)."""
+    from dinocell.train.checkpoint import CheckpointManager
+
+    cfg = _cfg()
+    run = tmp_path / "run" / "checkpoints"
+    mgr = CheckpointManager(run, keep_last=0)
+    older, newest = _teacher(cfg, 1), _teacher(cfg, 2)
+    mgr.save(100, _trainer_state(cfg, older, 100))
+    mgr.save(200, _trainer_state(cfg, newest, 200))
+    raw = bytearray((run / "ckpt-00000200.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size: only the sha256 tells
+    (run / "ckpt-00000200.pt").write_bytes(bytes(raw))
+
+    result = publish(str(run), str(tmp_path / "models"), "cellvit", "1.0")
+    exact = str(run / "ckpt-00000100.pt")
+    assert result.source == exact
+    assert [p["checkpoint"] for p in result.passed_over] == [str(run / "ckpt-00000200.pt")]
+    assert "sha256" in result.passed_over[0]["reason"]
+    version = tmp_path / "models" / "cellvit" / "1.0"
+    prov = json.loads((version / "config.json").read_text())["provenance"]
+    assert (prov["checkpoint"], prov["iteration"]) == (exact, 100) and prov["passed_over"] == result.passed_over
+    card = (version / "README.md").read_text()
+    assert f"`{exact}` (teacher, iteration 100)" in card
+    assert "newer checkpoints not used" in card and "ckpt-00000200.pt" in card
+    assert "passed over newer" in result.summary() and "ckpt-00000200.pt" in result.summary()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():  # and the weights are the older checkpoint's
+        assert torch.equal(load_pretrained(str(version))(x), older(x))
+    # an intact run publishes its newest, and says nothing was passed over
+    mgr.save(300, _trainer_state(cfg, newest, 300))
+    clean = publish(str(run), str(tmp_path / "models"), "cellvit", "2.0")
+    assert clean.source == str(run / "ckpt-00000300.pt") and clean.passed_over == []

@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import tarfile
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from fault_proxy import FaultProxy
 
 from dinocell import storage
 from dinocell.channels import FLUORESCENT_CHANNELS
@@ -437,3 +439,184 @@ def test_synth_bucket_discover_shard_read(tmp_path, buckets):
     assert index.n_fields == len(manifest) - len(planted)
     got = one_epoch(ShardStream(index.uri, loader_cfg()))
     assert sorted(s["field_id"] for s in got) == sorted(set(manifest.column("field_id")) - planted)
+
+
+# --------------------------------------------------------------------------- transient losses are not permanent
+
+
+def test_a_rerun_rebuilds_shards_whose_skips_were_transient(s3_server, s3_bucket, buckets):
+    """A field whose object answered 503 past the retries is skipped as "transient"; a fault-free rerun rebuilds
+    exactly its shard and recovers it, while missing and corrupt inputs stay skipped (and reported) with their kind."""
+    manifest, bad = make_inputs(buckets, f"s3://{s3_bucket}/raw")  # field 1: missing ER, field 2: corrupt RNA
+    flaky = manifest.record(5)
+    out = f"s3://{s3_bucket}/shards"
+    cfg = shard_cfg(out)
+    with FaultProxy(s3_server.endpoint_url, ["503"] * 1000, match=flaky.uris["DNA"].split("/", 3)[3]) as proxy:
+        storage.configure(storage.StorageConfig(endpoint_url=proxy.url, anonymous=False, max_attempts=2))
+        first = write_shards(manifest, out, cfg, PRE)
+    storage.configure(storage.StorageConfig(endpoint_url=s3_server.endpoint_url, anonymous=False))
+    assert proxy.injected["503"] >= 2
+    kinds = {s["field_id"]: s["kind"] for s in first.skipped}
+    assert kinds == {flaky.field_id: "transient", make_field_id("B1", "P1", "A01", 2): "missing",
+                     make_field_id("B1", "P0", "A01", 3): "corrupt"}
+    assert first.skipped_by_kind() == {"transient": 1, "missing": 1, "corrupt": 1}
+    assert "rerun the shard step" in first.format_summary() and "[transient]" in first.format_summary()
+    flaky_shard = next(s["shard"] for s in first.skipped if s["kind"] == "transient")
+
+    again = write_shards(manifest, out, cfg, PRE)
+    assert again.written == [flaky_shard] and len(again.reused) == len(again.shards) - 1
+    assert {s["field_id"] for s in again.skipped} == bad  # only the permanent losses are left, each still counted
+    assert again.skipped_by_kind() == {"transient": 0, "missing": 1, "corrupt": 1}
+    on_storage = json.loads(storage.read_text(again.uri))
+    assert on_storage["skipped_by_kind"] == again.skipped_by_kind() and on_storage["totals"]["skipped"] == 2
+    got = {s["field_id"] for s in one_epoch(ShardStream(again.uri, loader_cfg()))}
+    assert got == set(manifest.column("field_id")) - bad  # the transient loss is recovered
+    third = write_shards(manifest, out, cfg, PRE)  # missing / corrupt skips do not trigger rebuilds
+    assert third.written == []
+
+
+# --------------------------------------------------------------------------- any channel set
+
+
+OTHER = ["Actin", "Mito", "Phase"]
+
+
+@pytest.fixture
+def other_channels(tmp_path, buckets):
+    """6 fields of a dataset whose channels are Actin, Mito, Phase (no DNA), and its manifest on disk."""
+    rng = np.random.default_rng(3)
+    records = [
+        buckets.field("B1", f"P{i % 2}", f"A{i + 1:02d}", 1,
+                      {ch: (str(tmp_path / "raw" / f"f{i}_{ch}.tiff"), _tiff(rng)) for ch in OTHER})
+        for i in range(6)
+    ]
+    manifest = Manifest.from_records(records, OTHER)
+    uri = str(tmp_path / "manifest.parquet")
+    manifest.write(uri)
+    return manifest, uri
+
+
+def _shard_step(manifest_uri, out, *overrides):
+    from dinocell.data.step import shard
+
+    return shard("", [f"shard.target_bytes={2 * 3 * (SIZE // 2) ** 2}", "shard.workers=1", *overrides],
+                 manifest_uri=manifest_uri, shards_prefix=out)
+
+
+@pytest.mark.parametrize("channels", [OTHER, ["Phase", "Actin"]])
+def test_shards_hold_exactly_the_configured_channels_of_any_dataset(other_channels, tmp_path, channels):
+    manifest, uri = other_channels
+    out = str(tmp_path / "shards")
+    result = _shard_step(uri, out, f"data.channels=[{','.join(channels)}]")
+    assert result.channels == channels and result.totals["fields"] == 6 and result.totals["skipped"] == 0
+    index = ShardIndex.read(result.index_uri)
+    assert index.channels == channels and index.field_shape == [len(channels), SIZE // 2, SIZE // 2]
+    want = {r.field_id: FieldLoader(PRE, channels).load(r).image for r in manifest.records()}
+    samples = one_epoch(ShardStream(index.uri, loader_cfg()))
+    assert sorted(s["field_id"] for s in samples) == sorted(want)
+    for s in samples:
+        assert s["channels"] == tuple(channels) and len(s["channel_ids"]) == len(channels)
+        assert np.array_equal(s["image"].numpy(), want[s["field_id"]])
+    for info in index.shards:  # the per-field metadata members say the same
+        assert all(m["channels"] == channels for m, _ in read_shard(index.shard_uri(info)))
+
+
+def test_empty_data_channels_means_the_manifests_and_a_channel_it_lacks_is_named(other_channels, tmp_path):
+    from dinocell.config.step_args import StepError
+
+    _, uri = other_channels
+    assert _shard_step(uri, str(tmp_path / "a"), "data.channels=[]").channels == OTHER
+    with pytest.raises(StepError, match=rf"channels \['DNA'\] are not in the manifest: manifest {uri} has "
+                                        r"\['Actin', 'Mito', 'Phase'\]"):
+        _shard_step(uri, str(tmp_path / "b"), "data.channels=[Actin,DNA]")
+    with pytest.raises(StepError, match=r"channels \['DNA', 'ER', 'RNA', 'AGP'\] are not in the manifest"):
+        _shard_step(uri, str(tmp_path / "c"))  # the default data.channels (the 5 JUMP fluorescent ones)
+
+
+# --------------------------------------------------------------------------- a killed shard step
+
+
+_KILLED_SCRIPT = """
+import sys
+from dinocell import storage
+from dinocell.config import PreprocessConfig, ShardConfig
+from dinocell.data.shards import write_shards
+from dinocell.jump.manifest import Manifest
+
+if __name__ == "__main__":
+    endpoint, manifest_uri, out, target = sys.argv[1:5]
+    storage.configure(storage.StorageConfig(endpoint_url=endpoint, anonymous=False))
+    write_shards(Manifest.read(manifest_uri), out, ShardConfig(output=out, target_bytes=int(target), workers=2),
+                 PreprocessConfig(), fetch_workers=1)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    """Pool workers of `pid` (spawned multiprocessing children, not its resource tracker), from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_bytes().rsplit(b")", 1)[1].split()
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process state from /proc (Linux)")
+def test_pool_workers_die_with_a_killed_parent_and_their_temp_files_are_cleaned(
+    s3_server, s3_bucket, buckets, tmp_path, monkeypatch
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    manifest, _ = make_inputs(buckets, f"s3://{s3_bucket}/raw", faults=False)
+    manifest_uri = str(tmp_path / "manifest.parquet")
+    manifest.write(manifest_uri)
+    script = tmp_path / "shard_job.py"
+    script.write_text(_KILLED_SCRIPT)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = f"s3://{s3_bucket}/shards"
+    with FaultProxy(s3_server.endpoint_url, ["delay"] * 100_000, delay_s=0.25) as proxy:  # every GET is slow
+        job = subprocess.Popen([sys.executable, str(script), proxy.url, manifest_uri, out, str(3 * FIELD_BYTES)],
+                               env={**os.environ, "TMPDIR": str(tmp)})
+        try:
+            workers, deadline = [], time.time() + 60
+            while time.time() < deadline and (len(workers) < 2 or proxy.object_gets < 8):
+                assert job.poll() is None, "the shard job ended before it could be killed"
+                workers = _children(job.pid)
+                time.sleep(0.1)
+            assert len(workers) == 2, f"pool workers not found: {workers}"
+        finally:
+            job.send_signal(signal.SIGKILL)
+            job.wait()
+        deadline = time.time() + 5
+        while time.time() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.1)
+        assert not [p for p in workers if _alive(p)], "pool workers outlived their killed parent"
+        time.sleep(0.5)  # requests in flight when they died have arrived
+        before = dict(proxy.requests)
+        time.sleep(1.5)
+        assert dict(proxy.requests) == before, "the workers of a killed shard step kept reading / writing"
+    assert not storage.exists(f"{out}/index.json")
+    left = sorted(p.name for p in tmp.iterdir() if p.name.startswith("dinocell-shard-"))
+    assert left, "the killed builds should have left their temp tars"
+    # The next run removes them (their owners are dead) and finishes the set.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    index = write_shards(manifest, out, shard_cfg(out), PRE)
+    assert index.cleaned_temps == len(left) and not [p for p in tmp.iterdir() if p.name.startswith("dinocell-")]
+    assert f"{len(left)} stale temp file(s) of killed writers removed" in index.format_summary()
+    assert index.n_fields == len(manifest)

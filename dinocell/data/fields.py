@@ -5,7 +5,12 @@ plate's illumination functions when enabled, preprocesses (dinocell.data.preproc
 channel order. It is used by the shard writer (`load_many`) and by raw streaming (`load` per field).
 
 Both data modes hand the trainer the same per-field sample (`field_to_sample`): {"image": torch.uint8 [C, H, W],
-"channels": names, "channel_ids": indices into ALL_CHANNELS, "field_id", "plate"}; `collate_fields` batches them.
+"channels": names, "channel_ids": indices into ALL_CHANNELS (-1 for a channel of another dataset, named in
+data.channels), "field_id", "plate"}; `collate_fields` batches them.
+
+A field that fails says why in one of the skip kinds of dinocell.data.shard_format (`FieldLoadError.kind`):
+"transient" when some object could not be read for a reason other than its absence (a storage error that outlived
+the storage layer's retries: worth trying again later), else "missing" (no such object / no URI), else "corrupt".
 """
 
 from __future__ import annotations
@@ -33,15 +38,46 @@ from dinocell.data.preprocess import (
 )
 from dinocell.jump.manifest import FieldRecord
 
-__all__ = ["Field", "FieldLoadError", "FieldLoader", "channel_ids_of", "collate_fields", "field_to_sample"]
+__all__ = [
+    "UNKNOWN_CHANNEL_ID",
+    "Field",
+    "FieldLoadError",
+    "FieldLoader",
+    "channel_ids_of",
+    "collate_fields",
+    "field_to_sample",
+    "storage_error_kind",
+]
+
+UNKNOWN_CHANNEL_ID = -1  # a channel name outside dinocell.ALL_CHANNELS (datasets with other channels)
 
 
 def channel_ids_of(channels: Sequence[str]) -> tuple[int, ...]:
-    """Indices of channel names in dinocell.ALL_CHANNELS (ValueError naming unknown ones)."""
-    unknown = [c for c in channels if c not in ALL_CHANNELS]
-    if unknown:
-        raise ValueError(f"unknown channel name(s) {unknown}; known channels: {list(ALL_CHANNELS)}")
-    return tuple(ALL_CHANNELS.index(c) for c in channels)
+    """Indices of channel names in dinocell.ALL_CHANNELS; UNKNOWN_CHANNEL_ID for any other (non-empty) name."""
+    bad = [c for c in channels if not isinstance(c, str) or not c]
+    if bad:
+        raise ValueError(f"channel names must be non-empty strings, got {bad}")
+    return tuple(ALL_CHANNELS.index(c) if c in ALL_CHANNELS else UNKNOWN_CHANNEL_ID for c in channels)
+
+
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket"})
+
+
+def storage_error_kind(err: BaseException) -> str:
+    """"missing" when a storage error means the object is not there, else "transient" (5xx, timeouts, resets,
+    access problems: the object may be fine, a later run may read it). Looks through the cause chain: the storage
+    layer wraps botocore's ClientError / the local OSError."""
+    seen: BaseException | None = err
+    for _ in range(6):
+        if seen is None:
+            break
+        if isinstance(seen, (storage.NotFound, FileNotFoundError)):
+            return "missing"
+        resp = getattr(seen, "response", None)
+        if isinstance(resp, dict) and resp.get("Error", {}).get("Code", "") in _MISSING_CODES:
+            return "missing"
+        seen = seen.__cause__ or seen.__context__
+    return "transient"
 
 
 @dataclass
@@ -60,11 +96,16 @@ class Field:
 
 
 class FieldLoadError(RuntimeError):
-    """A field could not be loaded. `failures` lists (channel, uri, reason) for every failing object."""
+    """A field could not be loaded. `failures` lists (channel, uri, reason) for every failing object, `kinds` the skip
+    kind of each ("transient", "missing", "corrupt"), `kind` the field's (transient wins: a retry may load it)."""
 
-    def __init__(self, field_id: str, failures: Sequence[tuple[str, str, str]]):
+    def __init__(self, field_id: str, failures: Sequence[tuple[str, str, str]], kinds: Sequence[str] | None = None):
         self.field_id = field_id
         self.failures = list(failures)
+        self.kinds = list(kinds) if kinds is not None else ["corrupt"] * len(self.failures)
+        if len(self.kinds) != len(self.failures):
+            raise ValueError(f"field {field_id}: {len(self.kinds)} kinds for {len(self.failures)} failures")
+        self.kind = next((k for k in ("transient", "missing") if k in self.kinds), "corrupt")
         # Storage and decode errors already name their URI: do not repeat it.
         detail = "; ".join(
             f"{ch} {reason}" if uri in reason else f"{ch} {uri}: {reason}" for ch, uri, reason in self.failures
@@ -83,7 +124,7 @@ class _Fetched:
     cached: dict[str, np.ndarray]
     fetched: dict[str, bytes | Exception]  # image uri -> bytes or StorageError
     illum: dict[str, bytes | Exception]  # illum uri -> bytes or StorageError (only those not cached yet)
-    failures: list[tuple[str, str, str]]
+    failures: list[tuple[str, str, str]]  # records without a URI for a channel (kind "missing")
 
 
 class FieldLoader:
@@ -110,7 +151,7 @@ class FieldLoader:
             raise ValueError("FieldLoader needs at least one channel")
         if len(set(channels)) != len(channels):
             raise ValueError(f"duplicate channel names in {list(channels)}")
-        channel_ids_of(channels)  # validates the names
+        channel_ids_of(channels)  # validates the names (any non-empty name: datasets have their own channels)
         if fetch_workers < 1:
             raise ValueError(f"fetch_workers must be >= 1, got {fetch_workers}")
         self.cfg = preprocess_cfg
@@ -138,18 +179,28 @@ class FieldLoader:
         return self._assemble(record, self._fetch(record))
 
     def load_many(
-        self, records: Iterable[FieldRecord], on_error: str = "skip"
+        self, records: Iterable[FieldRecord], on_error: str = "skip", on_field=None
     ) -> tuple[list[Field], list[tuple[str, str]]]:
         """Load records in order, fetching the next field's objects while the current one is preprocessed.
 
         on_error="skip": failed fields are left out and listed in `errors` as (field_id, reason);
-        on_error="raise": the first FieldLoadError propagates.
+        on_error="raise": the first FieldLoadError propagates. on_field: called after each field (progress).
         """
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        fields, errors = self.load_each(records, stop_on_error=on_error == "raise", on_field=on_field)
+        if errors and on_error == "raise":
+            raise errors[0]
+        return fields, [(e.field_id, str(e)) for e in errors]
+
+    def load_each(
+        self, records: Iterable[FieldRecord], stop_on_error: bool = False, on_field=None
+    ) -> tuple[list[Field], list[FieldLoadError]]:
+        """Like load_many(on_error="skip"), but the errors are the FieldLoadErrors themselves (with their `kind`);
+        stop_on_error: stop at the first failing field."""
         records = list(records)
         fields: list[Field] = []
-        errors: list[tuple[str, str]] = []
+        errors: list[FieldLoadError] = []
         if not records:
             return fields, errors
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinocell-prefetch") as pool:
@@ -161,10 +212,12 @@ class FieldLoader:
                 try:
                     fields.append(self._assemble(rec, fetched))
                 except FieldLoadError as e:
-                    if on_error == "raise":
+                    errors.append(e)
+                    if stop_on_error:
                         nxt.cancel()
-                        raise
-                    errors.append((rec.field_id, str(e)))
+                        break
+                if on_field is not None:
+                    on_field()
         return fields, errors
 
     # ------------------------------------------------------------------ steps
@@ -224,17 +277,19 @@ class FieldLoader:
 
     def _assemble_fetched(self, record: FieldRecord, f: _Fetched) -> Field:
         failures = list(f.failures)
+        kinds = ["missing"] * len(failures)
         if failures:
-            self._fail(record, failures)
+            self._fail(record, failures, kinds)
         for uri, data in list(f.fetched.items()) + list(f.illum.items()):
             if isinstance(data, Exception):
                 ch = self._channel_of(record, uri)
                 failures.append((ch, uri, str(data)))
+                kinds.append(storage_error_kind(data))
             else:
                 self.counters["objects_fetched"] += 1
                 self.counters["bytes_fetched"] += len(data)
         if failures:
-            self._fail(record, failures)
+            self._fail(record, failures, kinds)
 
         # Decode everything first: a shape mismatch or a corrupt channel fails the field before any preprocessing.
         raw: dict[str, np.ndarray] = {}
@@ -246,8 +301,9 @@ class FieldLoader:
                 raw[ch] = decode_tiff(f.fetched[uri], uri)
             except CorruptImageError as e:
                 failures.append((ch, uri, str(e)))
+                kinds.append("corrupt")
         if failures:
-            self._fail(record, failures)
+            self._fail(record, failures, kinds)
         self._check_shapes(record, {ch: a.shape for ch, a in raw.items()}, "")
 
         out: dict[str, np.ndarray] = dict(f.cached)
@@ -264,15 +320,17 @@ class FieldLoader:
                     illum = self._get_illum(illum_uri, f)
                 except (IllumError, storage.StorageError) as e:
                     failures.append((ch, illum_uri, str(e)))
+                    kinds.append(storage_error_kind(e) if isinstance(e, storage.StorageError) else "corrupt")
                     continue
             try:
                 out[ch] = preprocess_channel(img, self.cfg, illum)
             except ValueError as e:  # illum shape mismatch
                 failures.append((ch, illum_uri or uri, str(e)))
+                kinds.append("corrupt")
                 continue
             new_keys[ch] = self._key(uri, illum_uri)
         if failures:
-            self._fail(record, failures)
+            self._fail(record, failures, kinds)
         # Cached channels carry no raw shape: compare the preprocessed ones too.
         self._check_shapes(record, {ch: out[ch].shape for ch in self.channels}, " after preprocessing")
 
@@ -294,9 +352,9 @@ class FieldLoader:
         )
 
     # ------------------------------------------------------------------ helpers
-    def _fail(self, record: FieldRecord, failures: list[tuple[str, str, str]]):
+    def _fail(self, record: FieldRecord, failures: list[tuple[str, str, str]], kinds: list[str]):
         self.counters["fields_failed"] += 1
-        raise FieldLoadError(record.field_id, failures)
+        raise FieldLoadError(record.field_id, failures, kinds)
 
     def _channel_of(self, record: FieldRecord, uri: str) -> str:
         for ch in self.channels:
@@ -309,14 +367,12 @@ class FieldLoader:
         if len(set(shapes.values())) <= 1:
             return
         ref_ch, ref_shape = next(iter(shapes.items()))
-        self._fail(
-            record,
-            [
-                (ch, record.uris[ch], f"shape {shape}{stage} differs from {ref_ch} ({record.uris[ref_ch]}) {ref_shape}")
-                for ch, shape in shapes.items()
-                if shape != ref_shape
-            ],
-        )
+        odd = [
+            (ch, record.uris[ch], f"shape {shape}{stage} differs from {ref_ch} ({record.uris[ref_ch]}) {ref_shape}")
+            for ch, shape in shapes.items()
+            if shape != ref_shape
+        ]
+        self._fail(record, odd, ["corrupt"] * len(odd))
 
 
 # --------------------------------------------------------------------------- samples and batches

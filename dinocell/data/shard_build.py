@@ -3,18 +3,31 @@
 A task loads its fields with FieldLoader in small chunks (bounded memory: a few fields, not a whole shard), writes
 the tar to a local temp file while hashing it, uploads it (atomic), then writes the sidecar: the shard is complete
 once its sidecar exists. Fields that fail to load or do not match the shard set's dtype, shape or channels are
-skipped and listed in the sidecar. The pool (spawn context) keeps at most 2 tasks per worker in flight; a task that
-fails is reported, never fatal to the others.
+skipped and listed in the sidecar with their skip kind (transient / missing / corrupt, dinocell.data.shard_format):
+a rerun rebuilds the shards whose skips were transient. The pool (spawn context) keeps at most 2 tasks per worker in
+flight; a task that fails is reported, never fatal to the others.
+
+Workers die with the parent: a killed `dinocell shard` (SIGKILL, OOM killer, a deleted pod) must not leave workers
+that go on uploading shards and sidecars nobody waits for. Each worker asks the kernel for SIGKILL when its parent
+dies (Linux prctl(PR_SET_PDEATHSIG) through ctypes; it fires when the thread that started the worker exits, and the
+pool is started and drained by the one thread that calls run_pool) and then checks the parent is still the one that
+started it (it may have died before the prctl). Elsewhere, or if prctl fails, a watchdog thread polls the parent pid.
+The temp tar of a killed build is named `dinocell-shard-NNNNNN-<pid>-*.tar` (shard_format.temp_prefix), so the next
+run removes it once its owner is provably dead (or it is older than the grace period).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -26,13 +39,20 @@ import numpy as np
 
 from dinocell import storage
 from dinocell.config import PreprocessConfig
-from dinocell.data.shard_format import SHARD_FORMAT, SHARD_FORMAT_VERSION, field_key, field_metadata, shard_name
+from dinocell.data.shard_format import (
+    SHARD_FORMAT,
+    SHARD_FORMAT_VERSION,
+    field_key,
+    field_metadata,
+    shard_name,
+    temp_prefix,
+)
 from dinocell.data.shard_tar import HashingWriter, finish_tar, write_tar_member
 from dinocell.jump.manifest import FieldRecord
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHUNK_FIELDS", "ShardTask", "build_shard", "run_pool"]
+__all__ = ["CHUNK_FIELDS", "ShardTask", "build_shard", "die_with_parent", "run_pool"]
 
 CHUNK_FIELDS = 8  # fields loaded at once by a shard worker (bounds its memory to a few fields, not a whole shard)
 
@@ -83,15 +103,17 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     skipped: list[dict[str, str]] = []
     n_fields = 0
     t0 = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(prefix=f"dinocell-{task.name}-", suffix=".tar")
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(task.name), suffix=".tar")
     try:
         with os.fdopen(fd, "wb") as raw:
             out = HashingWriter(raw)
             written = 0
             for start in range(0, len(task.records), CHUNK_FIELDS):
                 chunk = task.records[start : start + CHUNK_FIELDS]
-                fields, errors = loader.load_many(chunk, on_error="skip")
-                skipped.extend({"field_id": fid, "reason": str(reason), "shard": task.name} for fid, reason in errors)
+                fields, errors = loader.load_each(chunk)
+                skipped.extend(
+                    {"field_id": e.field_id, "reason": str(e), "kind": e.kind, "shard": task.name} for e in errors
+                )
                 for fld in sorted(fields, key=lambda f: keys[f.field_id]):
                     img = np.ascontiguousarray(fld.image)
                     if img.dtype != np.uint8 or tuple(img.shape) != expected or list(fld.channels) != task.channels:
@@ -100,6 +122,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
                                 "field_id": fld.field_id,
                                 "reason": f"field is {img.dtype} {tuple(img.shape)} with channels {list(fld.channels)}, "
                                 f"the shard set is uint8 {expected} with channels {task.channels}",
+                                "kind": "corrupt",
                                 "shard": task.name,
                             }
                         )
@@ -141,8 +164,37 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the pool
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-def run_pool(todo, make_task, workers: int, sidecars: dict, failures: dict) -> None:
+
+def _watch_parent(parent_pid: int, interval_s: float) -> None:
+    while True:
+        time.sleep(interval_s)
+        if os.getppid() != parent_pid:
+            os._exit(1)  # noqa: SLF001 - no cleanup: the parent that would collect the result is gone
+
+
+def die_with_parent(parent_pid: int, interval_s: float = 0.5) -> str:
+    """Make this process exit when `parent_pid` (its parent) dies; returns how ("pdeathsig" or "watchdog").
+
+    The pool's worker initializer (module docstring)."""
+    how = "watchdog"
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
+                how = "pdeathsig"
+        except (OSError, AttributeError):  # no libc symbol: fall back to polling
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the prctl took effect
+        os._exit(1)  # noqa: SLF001
+    if how == "watchdog":
+        threading.Thread(target=_watch_parent, args=(parent_pid, interval_s), daemon=True,
+                         name="dinocell-parent-watch").start()
+    return how
+
+
+def run_pool(todo, make_task, workers: int, sidecars: dict, failures: dict, on_done=None) -> None:
     """Build shards on a spawn-context process pool, keeping at most 2 tasks per worker in flight (bounded memory).
 
     Spawn, not fork: the parent may hold threads (storage pools, a local S3 server) whose locks a fork would copy.
@@ -150,7 +202,8 @@ def run_pool(todo, make_task, workers: int, sidecars: dict, failures: dict) -> N
     ctx = multiprocessing.get_context("spawn")
     pending = list(todo)
     running: dict[Future, int] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         while pending or running:
             while pending and len(running) < 2 * workers:
                 i = pending.pop(0)
@@ -168,3 +221,5 @@ def run_pool(todo, make_task, workers: int, sidecars: dict, failures: dict) -> N
                     )
                 except Exception as e:  # noqa: BLE001  (reported with the others at the end)
                     failures[i] = f"{type(e).__name__}: {e}"
+                if on_done is not None:
+                    on_done()  # progress in the parent, one per finished (or failed) shard

@@ -6,7 +6,12 @@ fixed pseudo-random order, independent of the manifest's row order, that spreads
 is already a random sample of the dataset), then cut into shards of `target_bytes // field_bytes` fields. The field
 shape comes from loading the first loadable field of the plan; a field of any other shape is skipped and listed.
 Each shard's content is summed up by a fingerprint (its fields, channels, shape, preprocessing, split) that its
-sidecar records: a shard whose sidecar matches the plan and whose tar has the recorded size is complete.
+sidecar records: a shard whose sidecar matches the plan, whose tar has the recorded size and whose skipped fields
+were all missing or corrupt inputs is complete. A skip of kind "transient" (a storage error after the retries) is
+not a property of the input: its shard is rebuilt by the next run, so a fault-free rerun recovers every such field.
+
+Channels: exactly the configured ones (data.channels, in that order), else the manifest's; a configured channel the
+manifest lacks is an error naming it and the manifest. Any channel names work (a dataset with Actin / Phase ...).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dinocell import storage
-from dinocell.channels import BRIGHTFIELD_CHANNELS, FLUORESCENT_CHANNELS
+from dinocell.channels import BRIGHTFIELD_CHANNELS
 from dinocell.config import ShardConfig
 from dinocell.data.shard_format import SHARD_FORMAT_VERSION, ShardBuildError, shard_name
 from dinocell.jump.manifest import Manifest
@@ -33,6 +38,7 @@ __all__ = [
     "plan_fingerprint",
     "plan_order",
     "probe_shape",
+    "rebuild_reason",
     "shard_channels",
 ]
 
@@ -40,25 +46,49 @@ PROBE_FIELDS = 16  # how many fields the planner tries before giving up on findi
 
 
 def shard_channels(
-    shard_cfg: ShardConfig, manifest_channels: Sequence[str], channels: Sequence[str] | None
+    shard_cfg: ShardConfig,
+    manifest_channels: Sequence[str],
+    channels: Sequence[str] | None,
+    manifest_uri: str = "",
 ) -> list[str]:
-    """The channels to pack: explicit, else the 5 fluorescent ones (+ brightfield when configured)."""
-    if channels is None:
-        channels = list(FLUORESCENT_CHANNELS) + (list(BRIGHTFIELD_CHANNELS) if shard_cfg.include_brightfield else [])
-    channels = list(channels)
+    """The channels to pack, in order: `channels` (data.channels) when given and non-empty, else the manifest's;
+    shard.include_brightfield appends the brightfield planes not listed yet. ValueError naming any channel the
+    manifest lacks, and the manifest."""
+    channels = list(channels) if channels else list(manifest_channels)
+    if shard_cfg.include_brightfield:
+        channels += [c for c in BRIGHTFIELD_CHANNELS if c not in channels]
     if not channels:
-        raise ValueError("shard: no channels to write")
+        raise ValueError(f"shard: no channels to write (data.channels is empty and so is manifest {manifest_uri})")
     if len(set(channels)) != len(channels):
-        raise ValueError(f"shard: duplicate channels in {channels}")
+        raise ValueError(f"shard: duplicate channels in {channels} (data.channels)")
     missing = [c for c in channels if c not in manifest_channels]
     if missing:
+        where = f"manifest {manifest_uri}" if manifest_uri else "the manifest"
         hint = (
             " (shard.include_brightfield needs brightfield channels in the manifest)"
             if set(missing) <= set(BRIGHTFIELD_CHANNELS)
-            else ""
+            else " (set data.channels to channels the manifest has, or rediscover with those channels)"
         )
-        raise ValueError(f"shard: channels {missing} are not in the manifest (it has {list(manifest_channels)}){hint}")
+        raise ValueError(
+            f"shard: channels {missing} are not in the manifest: {where} has {list(manifest_channels)}{hint}"
+        )
     return channels
+
+
+def rebuild_reason(side: dict | None, fingerprint: str) -> str | None:
+    """Why a shard must be (re)built despite its sidecar (None: it is complete and reusable)."""
+    if side is None:
+        return "no complete shard"
+    if side.get("plan_sha256") != fingerprint or side.get("version") != SHARD_FORMAT_VERSION:
+        return "stale (another plan)"
+    skipped = side.get("skipped") or []
+    transient = sum(1 for s in skipped if s.get("kind") == "transient")
+    if transient:
+        return f"{transient} field(s) skipped by storage errors (transient): retrying them"
+    unclassified = sum(1 for s in skipped if s.get("kind") not in ("missing", "corrupt"))
+    if unclassified:  # an older writer did not record why: the skips may have been transient
+        return f"{unclassified} skipped field(s) without a skip kind (older writer): retrying them"
+    return None
 
 
 def plan_order(field_ids: Sequence[str]) -> list[int]:

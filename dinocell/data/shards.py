@@ -14,8 +14,10 @@ Deterministic: headers are plain USTAR with fixed mtime/owner, so the same plan 
 (same sha256 on every rerun); any tar tool or WebDataset can read them.
 
 Parallel and resumable: a rerun skips every shard whose sidecar matches the plan (same fields, channels,
-preprocessing, shape) and whose tar has the recorded size; only missing or stale shards are rebuilt. Corrupt or
-missing inputs are skipped, counted and listed per shard and in the index. A run that has shards to (re)build first
+preprocessing, shape), whose tar has the recorded size and whose skips were all missing or corrupt inputs; missing,
+stale shards and shards with transient skips (storage errors after the retries) are rebuilt. Corrupt or missing
+inputs are skipped, counted and listed per shard and in the index, each with its skip kind. A run first removes the
+temp files that killed writers left (shard_format.clean_stale_temps), counted in the index and the summary. A run that has shards to (re)build first
 deletes the index, and every run writes it at the very end, so an index on storage always describes a complete,
 consistent shard set.
 """
@@ -35,10 +37,10 @@ from dinocell.data.shard_build import ShardTask, build_shard, run_pool
 from dinocell.data.shard_format import (
     INDEX_NAME,
     SHARD_FORMAT,
-    SHARD_FORMAT_VERSION,
     ShardBuildError,
     ShardIndex,
     ShardInfo,
+    clean_stale_temps,
     shard_name,
 )
 from dinocell.data.shard_plan import (
@@ -47,10 +49,12 @@ from dinocell.data.shard_plan import (
     plan_fingerprint,
     plan_order,
     probe_shape,
+    rebuild_reason,
     shard_channels,
 )
 from dinocell.data.shard_tar import finish_tar, write_tar_member
 from dinocell.jump.manifest import Manifest
+from dinocell.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +80,13 @@ def write_shards(
     preprocess_cfg: PreprocessConfig,
     channels: Sequence[str] | None = None,
     fetch_workers: int = 8,
+    manifest_uri: str = "",
 ) -> ShardIndex:
     """Build (or finish) the shard set of `manifest`'s `shard_cfg.split` under `out_prefix`; returns the index.
 
-    Raises ShardBuildError when some shards failed (the others are kept; rerun to resume) or when no field loads.
+    channels: the channels to pack, in order (data.channels; None or empty: the manifest's); manifest_uri names the
+    manifest in errors. Raises ShardBuildError when some shards failed (the others are kept; rerun to resume) or
+    when no field loads; ValueError for a configured channel the manifest lacks.
     """
     from dinocell.data.fields import FieldLoader
     from dinocell.data.preprocess import preprocess_signature, validate_preprocess_config
@@ -90,7 +97,8 @@ def write_shards(
     if shard_cfg.target_bytes <= 0:
         raise ValueError(f"shard.target_bytes must be > 0, got {shard_cfg.target_bytes}")
     validate_preprocess_config(preprocess_cfg)
-    channels = shard_channels(shard_cfg, manifest.channels, channels)
+    channels = shard_channels(shard_cfg, manifest.channels, channels, manifest_uri)
+    cleaned = _clean_stale_temps(out_prefix)
     split = shard_cfg.split
     part = manifest.split(split).select_channels(channels)
     if len(part) == 0:
@@ -121,11 +129,13 @@ def write_shards(
     sidecars: dict[int, dict] = {}
     todo: list[int] = []
     for i, name in enumerate(names):
-        fp = fingerprint(i)
         side = existing.get(name)
-        if side is not None and side.get("plan_sha256") == fp and side.get("version") == SHARD_FORMAT_VERSION:
+        why = rebuild_reason(side, fingerprint(i))
+        if why is None:
             sidecars[i] = side
         else:
+            if side is not None:
+                log.info("shard: rebuilding %s: %s", name, why)
             todo.append(i)
     log.info("shard: %d shards already complete, %d to build", len(sidecars), len(todo))
     index_uri = storage.join(out_prefix, INDEX_NAME)
@@ -151,14 +161,17 @@ def write_shards(
         )
 
     failures: dict[int, str] = {}
+    bar = Progress("shard", total=n_shards, initial=n_shards - len(todo), unit="shard")
     if shard_cfg.workers <= 1 or len(todo) <= 1:
         for i in todo:
             try:
                 sidecars[i] = build_shard(make_task(i))
             except Exception as e:  # noqa: BLE001  (one broken shard must not lose the others: all reported at the end)
                 failures[i] = f"{type(e).__name__}: {e}"
+            bar.update(1)
     else:
-        run_pool(todo, make_task, min(shard_cfg.workers, len(todo)), sidecars, failures)
+        run_pool(todo, make_task, min(shard_cfg.workers, len(todo)), sidecars, failures, on_done=bar.update)
+    bar.close(failed=bool(failures))
     if failures:
         lines = "\n  ".join(f"{shard_name(i)}: {why}" for i, why in sorted(failures.items()))
         raise ShardBuildError(
@@ -183,11 +196,28 @@ def write_shards(
         skipped=skipped,
         written=[shard_name(i) for i in todo],
         reused=[shard_name(i) for i in range(n_shards) if i not in set(todo)],
+        cleaned_temps=cleaned,
     )
     if index.n_fields == 0:
         raise ShardBuildError(
             f"shard: every field was skipped ({len(skipped)}); no index written. First: {skipped[:3]}"
         )
     index.write()
-    log.info("shard: wrote %s (%d fields, %d shards, %d skipped)", index_uri, index.n_fields, n_shards, len(skipped))
+    log.info("shard: wrote %s (%d fields, %d shards, %d skipped: %s)", index_uri, index.n_fields, n_shards,
+             len(skipped), index.skipped_by_kind())
+    if index.skipped_by_kind()["transient"]:
+        log.warning("shard: %d field(s) skipped by storage errors that outlived the retries; rerun the shard step "
+                    "to rebuild their shards", index.skipped_by_kind()["transient"])
     return index
+
+
+def _clean_stale_temps(out_prefix: str) -> int:
+    """Temp files of killed shard writers: tars in the temp dir, and (local output) the storage layer's hidden
+    siblings of interrupted atomic writes in the output directory."""
+    n = clean_stale_temps(r"shard-\d{6}")
+    if not storage.is_s3(out_prefix):
+        n += clean_stale_temps(
+            r"shard-\d{6}", str(storage.local_path(out_prefix)),
+            dot_pattern=r"^\.(?:shard-\d{6}\.(?:tar|json)|index\.json)\..+\.tmp$",
+        )
+    return n

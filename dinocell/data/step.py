@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dinocell import storage
@@ -22,9 +22,12 @@ class ShardOutcome:
     written: int
     reused: int
     summary_text: str = ""
+    skipped_by_kind: dict = field(default_factory=dict)  # {"transient", "missing", "corrupt"} -> fields
+    channels: list = field(default_factory=list)
 
     def metadata(self) -> dict:
-        return {**self.totals, "written": self.written, "reused": self.reused}
+        return {**self.totals, "written": self.written, "reused": self.reused,
+                **{f"skipped_{k}": n for k, n in self.skipped_by_kind.items()}}
 
 
 def shard(
@@ -38,7 +41,9 @@ def shard(
     anonymous: bool | None = None,
 ) -> ShardOutcome:
     """Preprocess the manifest's training split (or `split`) into tar shards under `shards_prefix` (resumes a
-    partial set). Defaults: the config's `data.manifest`, `shard.output` and `shard.split`."""
+    partial set; rebuilds shards whose skips were transient storage errors). Defaults: the config's `data.manifest`,
+    `shard.output` and `shard.split`. The shards hold exactly `data.channels`, in that order (empty: the manifest's
+    channels); a configured channel the manifest lacks is a StepError naming it and the manifest."""
     from dinocell.data.shards import INDEX_NAME, write_shards
     from dinocell.jump.manifest import Manifest
 
@@ -53,9 +58,14 @@ def shard(
         cfg.shard.split = split
     manifest = Manifest.read(manifest_uri)
     t0 = time.perf_counter()
-    index = write_shards(manifest, shards_prefix, cfg.shard, cfg.preprocess)
+    try:
+        index = write_shards(manifest, shards_prefix, cfg.shard, cfg.preprocess, channels=cfg.data.channels,
+                             manifest_uri=manifest_uri)
+    except ValueError as e:  # a request that cannot be met (channels, split, ...): one line for the CLI
+        raise StepError(str(e)) from e
     index_uri = storage.join(shards_prefix, INDEX_NAME)
     totals = index.totals()
     log.info("shard: %s in %.1fs -> %s", totals, time.perf_counter() - t0, index_uri)
     return ShardOutcome(index_uri=index_uri, totals=totals, written=len(index.written), reused=len(index.reused),
-                       summary_text=index.format_summary())
+                       summary_text=index.format_summary(), skipped_by_kind=index.skipped_by_kind(),
+                       channels=list(index.channels))

@@ -90,6 +90,10 @@ def render_model_card(name: str, version: str, config: dict, metrics: dict | Non
         ["source checkpoint", f"`{prov.get('checkpoint')}` ({prov.get('section')}, iteration {prov.get('iteration')})"],
         ["initial weights", f"`{prov.get('initial_weights')}`" if prov.get("initial_weights") else "random init"],
     ]
+    passed = prov.get("passed_over") or []
+    if passed:  # the run has newer checkpoints that could not be used: say so next to the one published
+        arch_rows.append(["newer checkpoints not used", "; ".join(
+            f"`{p.get('checkpoint')}` ({p.get('reason')})" for p in passed)])
     data_lines = ""
     if data:
         data_lines = "\nSelection in the training config:\n\n" + "\n".join(

@@ -15,10 +15,17 @@ manifest (not a published version: the next publish of that version replaces it)
 the same metrics is recognised as identical. Two publishers racing on the same new version are not arbitrated.
 
 `latest` names the most recently published version (not the highest version number).
+
+Source: a checkpoint file, or a run's checkpoint directory (holding `latest.json`), resolved here by
+CheckpointManager.resolve(): the newest checkpoint that verifies and loads. config.json's provenance, the model card
+and the summary name exactly that checkpoint (file and iteration) and list the newer ones passed over, with why
+(corrupt, truncated, unreadable record). A read that fails after the storage layer's retries is an error
+(CheckpointUnreadable), never a silent fall back to an older checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tempfile
@@ -62,12 +69,14 @@ class PublishResult:
     manifest_sha256: str = ""
     noop: bool = False  # the version already held identical content: nothing was written
     latest_uri: str = ""
-    source: str = ""
+    source: str = ""  # exactly the checkpoint that was published
+    passed_over: list[dict] = field(default_factory=list)  # newer checkpoints not used: {"checkpoint", "reason"}
 
     def summary(self) -> str:
         head = (f"{self.name} {self.version}: already published with identical content at {self.uri} (no-op)"
                 if self.noop else f"published {self.name} {self.version} at {self.uri} (latest -> {self.version})")
         lines = [head, f"  from {self.source}"]
+        lines += [f"  passed over newer {p['checkpoint']}: {p['reason']}" for p in self.passed_over]
         for name, entry in self.files.items():
             lines.append(f"  {name:<18} {entry['size']:>12,} B  sha256 {entry['sha256']}")
         return "\n".join(lines)
@@ -85,7 +94,25 @@ def _check_name(value: str, what: str) -> str:
 # ----------------------------------------------------------------------------------------------- building
 
 
-def _config_json(model, info: BackboneInfo, which: str, fallback_cfg) -> dict:
+def _resolve_source(checkpoint_uri) -> tuple[object, list[dict]]:
+    """(what load_backbone takes, newer checkpoints passed over). A run's checkpoint directory is resolved to the
+    exact checkpoint loaded (its state, so the bytes verified are the bytes published)."""
+    from dinocell.train.checkpoint import POINTER_NAME, CheckpointManager
+
+    uri = str(checkpoint_uri)
+    if not storage.exists(storage.join(uri, POINTER_NAME)):  # a file (or a published folder): load_backbone reads it
+        return uri, []
+    found = CheckpointManager(uri).resolve()
+    if found is None:
+        raise PublishError(f"publish: {uri} holds {POINTER_NAME} but no committed checkpoint")
+    passed = [{"checkpoint": u, "reason": why} for u, why in found.passed_over]
+    if passed:
+        log.warning("publish: %s: publishing %s (iteration %d); passed over %s", uri, found.uri, found.iteration,
+                    passed)
+    return (found.state, found.uri), passed
+
+
+def _config_json(model, info: BackboneInfo, which: str, fallback_cfg, passed_over=()) -> dict:
     """config.json: what a user needs to rebuild and feed the model, and where it came from."""
     channels = info.channels
     if channels is None and fallback_cfg is not None:
@@ -126,6 +153,8 @@ def _config_json(model, info: BackboneInfo, which: str, fallback_cfg) -> dict:
             "initial_weights": info.pretrained,
             "seed": info.seed,
             "data": data,
+            # newer checkpoints of the run that were not published, and why (empty: this is the newest)
+            "passed_over": list(passed_over),
         },
     }
 
@@ -146,9 +175,14 @@ def build_release(
     checkpoint_uri, name: str, version: str, metrics_uri: str | None = None, which: str = "teacher", fallback_cfg=None
 ) -> tuple[dict[str, bytes], BackboneInfo]:
     """The files of a release (name -> bytes, manifest.json included) and what was loaded."""
-    # in_chans=None: publish the channel count the model was trained with
-    model, info = load_backbone(checkpoint_uri, which=which, in_chans=None)
-    config = _config_json(model, info, which, fallback_cfg)
+    source, passed_over = _resolve_source(checkpoint_uri)
+    if isinstance(source, tuple):  # a run directory resolved to (state, the exact checkpoint URI)
+        state, exact = source
+        model, info = load_backbone(state, which=which, in_chans=None)
+        info = dataclasses.replace(info, source=exact)
+    else:  # in_chans=None: publish the channel count the model was trained with
+        model, info = load_backbone(source, which=which, in_chans=None)
+    config = _config_json(model, info, which, fallback_cfg, passed_over)
     metrics_bytes = metrics = None
     if metrics_uri:
         metrics_bytes = storage.read_bytes(metrics_uri)
@@ -245,7 +279,8 @@ def publish_checkpoint(
     manifest_bytes = files[MANIFEST_NAME]
     manifest = json.loads(manifest_bytes)
     result = PublishResult(uri=version_uri, name=name, version=version, files=manifest["files"],
-                           manifest_sha256=sha256_hex(manifest_bytes), latest_uri=latest_uri, source=info.source)
+                           manifest_sha256=sha256_hex(manifest_bytes), latest_uri=latest_uri, source=info.source,
+                           passed_over=json.loads(files[CONFIG_NAME])["provenance"]["passed_over"])
 
     existing = _existing_manifest(version_uri)
     if existing is not None:

@@ -19,10 +19,13 @@ class PublishOutcome:
     files: dict = field(default_factory=dict)
     noop: bool = False
     summary: str = ""
+    source: str = ""  # exactly the checkpoint published
+    passed_over: list = field(default_factory=list)  # newer checkpoints not used: {"checkpoint", "reason"}
 
     def metadata(self) -> dict:
         return {"name": self.name, "version": self.version, "manifest_sha256": self.manifest_sha256,
-                "noop": self.noop, "files": sorted(self.files)}
+                "noop": self.noop, "files": sorted(self.files), "source": self.source,
+                "passed_over": list(self.passed_over)}
 
 
 def publish(
@@ -52,4 +55,4 @@ def publish(
         load_pretrained(result.uri)
     return PublishOutcome(uri=result.uri, name=result.name, version=result.version,
                           manifest_sha256=result.manifest_sha256, files=dict(result.files), noop=result.noop,
-                          summary=result.summary())
+                          summary=result.summary(), source=result.source, passed_over=list(result.passed_over))

@@ -10,6 +10,13 @@ Why: a crash at any moment leaves either the previous pointer (naming an intact 
 (naming a checkpoint whose data and record are already complete). The sha256 catches files that were truncated or
 altered after the fact; `load()` then falls back to the newest older checkpoint that verifies, with a warning.
 
+Unreadable is not absent: a record or checkpoint whose read fails after the storage layer's retries (5xx, timeouts,
+resets) raises CheckpointUnreadable instead of falling back or starting over, and so does a root whose records exist
+but name nothing usable (corrupt JSON everywhere, every checkpoint corrupt). Only a root with no checkpoint record at
+all is a fresh run. `resolve()` says exactly which checkpoint it loaded and which newer ones it passed over (why).
+The first save of a manager removes the temp files of earlier killed saves (dead owner pid, or older than a grace
+period; shard_format.clean_stale_temps).
+
 Pruning keeps the newest `keep_last` checkpoints (0 keeps everything). Milestones (`iteration % milestone_every == 0`,
 when milestone_every > 0) stay in place, exempt from pruning (no copies). The checkpoint just saved is never pruned,
 even when newer ones exist (a run restarted from an older checkpoint).
@@ -34,17 +41,22 @@ import random
 import re
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dinocell import storage
+from dinocell.data.fields import storage_error_kind
+from dinocell.data.shard_format import clean_stale_temps, temp_prefix
 from dinocell.log import get_logger
 
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
+    "CheckpointUnreadable",
+    "LoadedCheckpoint",
     "capture_rng_state",
     "check_weights_only_types",
     "restore_rng_state",
@@ -56,10 +68,21 @@ POINTER_NAME = "latest.json"
 _CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
 _RECORD_SUFFIX = ".json"  # record of ckpt-N.pt is ckpt-N.pt.json
 _FORMAT_VERSION = 1
+# the storage layer's hidden sibling of an interrupted local atomic write of a checkpoint, record or pointer
+_DOT_TMP_RE = r"^\.(?:ckpt-\d{8,}\.pt(?:\.json)?|latest\.json)\..+\.tmp$"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written, verified or loaded; the message names the URI and the reason."""
+
+
+class CheckpointUnreadable(CheckpointError):
+    """Checkpoints exist under the root but none can be resumed from, or reading them failed after the storage
+    layer's retries: starting from iteration 0 would overwrite them. One line for the CLI; `uris` names them."""
+
+    def __init__(self, message: str, uris=()):
+        super().__init__(message)
+        self.uris = list(uris)
 
 
 # ----------------------------------------------------------------------------------------------- type check
@@ -117,6 +140,7 @@ class CheckpointManager:
         self.milestone_every = milestone_every
         self.rank = rank
         self.upload_threshold_bytes = upload_threshold_bytes
+        self.cleaned_temps: int | None = None  # stale temp files removed before this manager's first save
 
     # ------------------------------------------------------------------ names
     def uri_for(self, iteration: int) -> str:
@@ -159,6 +183,8 @@ class CheckpointManager:
         if not isinstance(state, dict):
             raise TypeError(f"checkpoint {uri}: state must be a dict, got {type(state).__name__}")
         check_weights_only_types(state, where=f"checkpoint {iteration} state")
+        if self.cleaned_temps is None:  # the writer of this run: remove what killed saves of earlier runs left
+            self.cleaned_temps = self._clean_stale_temps()
         buf = io.BytesIO()
         torch.save(state, buf)
         data = buf.getbuffer()
@@ -181,7 +207,7 @@ class CheckpointManager:
 
     def _write_data(self, uri: str, data) -> None:
         if storage.is_s3(uri) and len(data) >= self.upload_threshold_bytes:
-            fd, tmp = tempfile.mkstemp(prefix="dinocell-ckpt-", suffix=".pt")
+            fd, tmp = tempfile.mkstemp(prefix=temp_prefix("ckpt"), suffix=".pt")
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -192,6 +218,14 @@ class CheckpointManager:
             storage.write_bytes(uri, bytes(data))
         else:  # the local atomic write takes the buffer as is: no extra copy of a multi-GB state
             storage.write_bytes(uri, data)
+
+    def _clean_stale_temps(self) -> int:
+        """Temp files of killed saves: multipart staging files in the temp dir (owner pid in the name) and, for a
+        local root, the storage layer's hidden siblings of interrupted atomic writes (by age). Counted, logged."""
+        n = clean_stale_temps("ckpt")
+        if not storage.is_s3(self.root):
+            n += clean_stale_temps("ckpt", str(storage.local_path(self.root)), dot_pattern=_DOT_TMP_RE)
+        return n
 
     def _prune(self, keep: int) -> None:
         if self.keep_last == 0:
@@ -206,42 +240,64 @@ class CheckpointManager:
             log.info("pruned %d old checkpoint(s): iterations %s", len(doomed), [it for it, _ in doomed])
 
     # ------------------------------------------------------------------ find
-    def _read_json(self, uri: str) -> dict | None:
+    def _unreadable(self, uri: str, err: Exception) -> CheckpointUnreadable:
+        return CheckpointUnreadable(
+            f"cannot read {uri} after the storage layer's retries ({err}); not starting over, which would overwrite "
+            f"the checkpoints under {self.root}: rerun once storage answers", [uri])
+
+    def _read_json(self, uri: str) -> tuple[dict | None, str]:
+        """(record, "") or (None, why it is unusable). A storage error other than a missing object raises
+        CheckpointUnreadable: a record we cannot read is not a record that is absent."""
         try:
-            rec = json.loads(storage.read_bytes(uri))
-        except storage.StorageError:
-            return None
+            raw = storage.read_bytes(uri)
+        except storage.StorageError as e:
+            if _is_missing(e):
+                return None, "missing"
+            raise self._unreadable(uri, e) from e
+        try:
+            rec = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             log.warning("checkpoint record %s is not valid JSON: ignored", uri)
-            return None
+            return None, "not valid JSON"
         if not isinstance(rec, dict) or not {"checkpoint", "iteration", "size", "sha256"} <= set(rec):
             log.warning("checkpoint record %s lacks checkpoint/iteration/size/sha256: ignored", uri)
-            return None
-        return rec
+            return None, "lacks checkpoint/iteration/size/sha256"
+        return rec, ""
 
     def _pointer(self) -> dict | None:
-        return self._read_json(self.pointer_uri)
+        return self._read_json(self.pointer_uri)[0]
 
-    def _candidates(self) -> list[tuple[str, dict]]:
-        """Checkpoints to resume from, best first: the pointer's target (when its file is there with the recorded
-        size), then complete checkpoints (data + record, sizes agreeing) newest first — only those older than the
-        pointer's iteration when there is a pointer, since newer ones were never committed."""
-        listing = self._listing()
-        pointer = self._pointer()
+    def _candidates(self) -> tuple[list[tuple[str, dict]], list[tuple[str, str]], list[str]]:
+        """(candidates, passed_over, records). Candidates to resume from, best first: the pointer's target (when its
+        file is there with the recorded size), then complete checkpoints (data + record, sizes agreeing) newest first
+        — only those older than the pointer's iteration when there is a pointer, since newer ones were never
+        committed. passed_over: (uri, why) of committed checkpoints that cannot be used. records: every record file
+        (pointer included) under the root: when there is one, "no checkpoint" is never the answer."""
+        try:
+            listing = self._listing()
+        except storage.StorageError as e:
+            raise self._unreadable(self.root, e) from e
+        records = [storage.join(self.root, n) for n in sorted(listing)
+                   if n == POINTER_NAME or (n.endswith(_RECORD_SUFFIX) and _CKPT_RE.match(n[: -len(_RECORD_SUFFIX)]))]
+        pointer = self._read_json(self.pointer_uri)[0] if POINTER_NAME in listing else None
         out: list[tuple[str, dict]] = []
+        passed: list[tuple[str, str]] = []
         below = None
         if pointer is not None:
             name = pointer["checkpoint"]
             below = pointer["iteration"]
             if not _CKPT_RE.match(str(name)):
                 log.warning("pointer %s names %r, not a checkpoint file: ignored", self.pointer_uri, name)
+                passed.append((self.pointer_uri, f"names {name!r}, not a checkpoint file"))
             elif listing.get(name) == pointer["size"]:
                 out.append((storage.join(self.root, name), pointer))
             else:
                 got = "missing" if name not in listing else f"{listing[name]} bytes, expected {pointer['size']}"
                 log.warning("pointer %s names %s, which is %s: falling back", self.pointer_uri, name, got)
+                passed.append((storage.join(self.root, str(name)), got))
         elif POINTER_NAME in listing:
             log.warning("pointer %s is unreadable: falling back to the newest complete checkpoint", self.pointer_uri)
+            passed.append((self.pointer_uri, "unreadable pointer"))
         named = out[0][0] if out else None
         for it, uri in reversed(self.list()):
             if uri == named or (below is not None and it >= below):
@@ -250,26 +306,27 @@ class CheckpointManager:
             if name + _RECORD_SUFFIX not in listing:
                 log.warning("checkpoint %s has no integrity record (interrupted save?): skipped", uri)
                 continue
-            rec = self._read_json(uri + _RECORD_SUFFIX)
+            rec, why = self._read_json(uri + _RECORD_SUFFIX)
             if rec is None or rec["size"] != listing[name]:
-                log.warning("checkpoint %s does not match its integrity record (size): skipped", uri)
+                why = why or f"{listing[name]} bytes, its record says {rec['size']}"
+                log.warning("checkpoint %s does not match its integrity record (%s): skipped", uri, why)
+                passed.append((uri, f"record {why}"))
                 continue
             out.append((uri, rec))
-        return out
+        return out, passed, records
 
     def latest(self) -> str | None:
         """URI of the checkpoint to resume from, or None when there is none. Cheap: one LIST and one small read;
-        the sha256 is verified by `load()`."""
-        cands = self._candidates()
+        the sha256 is verified by `load()`. CheckpointUnreadable when records exist but cannot be read."""
+        cands, _, _ = self._candidates()
         if not cands:
             return None
         return cands[0][0]
 
     # ------------------------------------------------------------------ load
     def load(self, uri: str | None = None, map_location="cpu") -> dict | None:
-        """Load a checkpoint. With no URI: the newest one that verifies (pointer target first, then older complete
-        ones, each fallback logged as a warning); None when the root holds no checkpoint at all; CheckpointError
-        when checkpoints exist but none verifies (a run must not silently start from scratch)."""
+        """Load a checkpoint. With a URI: that one, verified against its record (never another). With none: what
+        `resolve()` picks (its state), None only when the root holds no checkpoint record at all."""
         if uri is not None:
             record = self._record_for(str(uri))
             data = self._read(str(uri))
@@ -278,48 +335,77 @@ class CheckpointManager:
                 if problem:
                     raise CheckpointError(f"checkpoint {uri} is corrupt: {problem}")
             return _deserialize(data, str(uri), map_location)
-        cands = self._candidates()
+        found = self.resolve(map_location)
+        return None if found is None else found.state
+
+    def resolve(self, map_location="cpu") -> LoadedCheckpoint | None:
+        """The newest checkpoint that verifies and loads: the pointer target first, then older complete ones (each
+        fallback past a corrupt one logged and listed in `passed_over`). None when the root holds no checkpoint
+        record at all (data files of saves that never committed do not count). CheckpointUnreadable when records
+        exist but nothing can be resumed from, or when a read fails after the storage layer's retries (a transient
+        failure must not send a run back to an older checkpoint, let alone to iteration 0)."""
+        cands, passed, records = self._candidates()
         if not cands:
-            pointer = self._pointer()
-            if pointer is not None:
-                raise CheckpointError(
-                    f"{self.pointer_uri} names {pointer['checkpoint']}, which is missing or incomplete, and no older "
-                    f"complete checkpoint exists under {self.root}"
-                )
+            if records:
+                why = "; ".join(f"{u}: {w}" for u, w in passed) or "no usable record"
+                raise CheckpointUnreadable(
+                    f"{self.root} holds checkpoint records ({', '.join(_basename(r) for r in records)}) but no "
+                    f"checkpoint that can be resumed from ({why}); refusing to start from scratch over them",
+                    [u for u, _ in passed] or records)
             leftovers = self.list()
             if leftovers:  # data files of saves that never committed (no record, no pointer): nothing to resume
                 log.warning("no committed checkpoint under %s; ignoring incomplete %s", self.root, leftovers)
             return None
-        tried = []
         for cand_uri, record in cands:
-            try:
-                data = self._read(cand_uri)
-            except CheckpointError as e:
-                log.warning("%s: trying an older checkpoint", e)
-                tried.append(cand_uri)
-                continue
-            problem = _verify(data, record)
+            data = self._read(cand_uri, missing_ok=True)
+            problem = "missing" if data is None else _verify(data, record)
+            state = None
+            if not problem:
+                try:
+                    state = _deserialize(data, cand_uri, map_location)
+                except CheckpointError as e:
+                    problem = str(e)
             if problem:
-                log.warning("checkpoint %s is corrupt (%s): trying an older checkpoint", cand_uri, problem)
-                tried.append(cand_uri)
+                log.warning("checkpoint %s is unusable (%s): trying an older checkpoint", cand_uri, problem)
+                passed.append((cand_uri, problem))
                 continue
-            if tried:
-                log.warning("resuming from %s instead of the newer corrupt %s", cand_uri, tried)
-            return _deserialize(data, cand_uri, map_location)
-        raise CheckpointError(f"no intact checkpoint under {self.root}: every candidate failed verification: {tried}")
+            if passed:
+                log.warning("resuming from %s instead of the newer unusable %s", cand_uri, passed)
+            return LoadedCheckpoint(state, cand_uri, int(record["iteration"]), passed)
+        raise CheckpointUnreadable(
+            f"no intact checkpoint under {self.root}: every candidate failed verification: "
+            + "; ".join(f"{u}: {w}" for u, w in passed), [u for u, _ in passed])
 
     def _record_for(self, uri: str) -> dict | None:
         pointer = self._pointer()
         if pointer is not None and storage.join(self.root, pointer["checkpoint"]) == uri:
             return pointer
-        return self._read_json(uri + _RECORD_SUFFIX)
+        return self._read_json(uri + _RECORD_SUFFIX)[0]
 
-    @staticmethod
-    def _read(uri: str) -> bytes:
+    def _read(self, uri: str, missing_ok: bool = False) -> bytes | None:
         try:
             return storage.read_bytes(uri)
         except storage.StorageError as e:
-            raise CheckpointError(f"cannot read checkpoint: {e}") from e
+            if missing_ok and _is_missing(e):
+                return None
+            if _is_missing(e):
+                raise CheckpointError(f"cannot read checkpoint: {e}") from e
+            raise self._unreadable(uri, e) from e
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What `resolve()` loaded: the state, exactly which checkpoint it is, and the newer ones passed over (why)."""
+
+    state: dict
+    uri: str
+    iteration: int
+    passed_over: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _is_missing(err: BaseException) -> bool:
+    """The storage error says the object is not there (retrying cannot help); anything else may be transient."""
+    return storage_error_kind(err) == "missing"
 
 
 def _basename(uri: str) -> str:
