@@ -9,6 +9,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
+
+from dinocell.config.errors import ConfigError
+
+# Which source each crop shows (dinocell.data.multiview): "multiview" is the method (global crop 1 the fluorescent
+# mean, global crop 2 one channel, locals the mean with probability mean_prob_local); the two others are the
+# ablation's naive designs: every crop from the mean ("mean_only"), every crop from its own random channel
+# ("single_only").
+CropPolicy = Literal["multiview", "mean_only", "single_only"]
+CROP_POLICIES: tuple[str, ...] = get_args(CropPolicy)
 
 
 @dataclass
@@ -22,7 +32,8 @@ class AugmentConfig:
     local_scale: tuple[float, float] = (0.05, 0.32)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio w/h, sampled log-uniform
     crop_attempts: int = 10  # RandomResizedCrop tries before the centre-crop fallback
-    mean_prob_local: float = 0.3  # probability that a local crop shows the fluorescent mean
+    crop_policy: CropPolicy = "multiview"  # see CROP_POLICIES
+    mean_prob_local: float = 0.3  # probability that a local crop shows the fluorescent mean (multiview only)
     brightfield_prob: float = 0.0  # probability that a single-channel choice is a brightfield channel
     hflip_prob: float = 0.5
     vflip_prob: float = 0.5
@@ -44,6 +55,10 @@ class AugmentConfig:
     resample: str = "auto"
 
     def __post_init__(self):
+        if self.crop_policy not in CROP_POLICIES:
+            raise ConfigError(
+                f"augment.crop_policy: must be one of {list(CROP_POLICIES)}, got {self.crop_policy!r}"
+            )
         for name in ("global_scale", "local_scale", "ratio", "blur_sigma"):
             setattr(self, name, _pair(self, name))
         for name in ("global_size", "local_size", "crop_attempts", "blur_kernel_size"):

@@ -1,18 +1,30 @@
 """Multi-view channel-consistency augmentation, batched on the training device.
 
-From a batch of preprocessed fields (uint8 [B, C, H, W] plus the names of the C channels) build the DINO views:
+From a batch of preprocessed fields (uint8 [B, C, H, W] plus the names of the C channels) build the DINO views.
+`augment.crop_policy` says which source each crop shows:
 
-- global crop 1: the mean of the 5 fluorescent channels; global crop 2: one fluorescent channel chosen uniformly;
-- `n_local` local crops: each the fluorescent mean with probability `mean_prob_local`, else one random channel.
+- "multiview" (the method, default): global crop 1 the mean of the fluorescent channels; global crop 2 one
+  fluorescent channel chosen uniformly; `n_local` local crops each the fluorescent mean with probability
+  `mean_prob_local`, else one random channel. So the teacher's view of the mean teaches the student's view of a
+  single channel and back: the model must map every channel of a field to a consistent representation.
+- "mean_only" (ablation): every crop, global and local, from the fluorescent mean.
+- "single_only" (ablation): every crop from one random channel, each crop its own draw.
 
-So the teacher's view of the mean teaches the student's view of a single channel and back: the model must map every
-channel of a field to a consistent representation.
+The policy only sets each crop slot's probability of the mean; every random number is drawn as for "multiview", so
+for one seed the three policies give the same boxes, flips, jitter, blur and channel draws and differ only in source.
 
-Brightfield (`brightfield_prob` = p, off by default): when p > 0 and the batch carries brightfield channels, every
-single-channel choice (global crop 2 and the single-channel local crops) picks a brightfield channel (uniformly among
-those present) with probability p, else a fluorescent channel (uniformly). The mean is always over the 5 fluorescent
-channels only. A batch without brightfield channels uses fluorescent channels only; `MultiViewBatch.brightfield_available`
-says which case a batch was in, so a trainer can count batches that could not honour p.
+Channels (`channel_names` may be any set, e.g. without DNA, with Actin or a phase-contrast plane): a name is
+transmitted-light if it is in dinocell.channels.BRIGHTFIELD_CHANNELS, contains "bright" or "phase", ends with "bf"
+or is "dic" (case-insensitive); every other name is fluorescent (see is_transmitted_light). The mean is over the
+fluorescent channels present (dinocell's 5 in FLUORESCENT_CHANNELS order, then the others in batch order). A batch
+without fluorescent channels is an error for a policy that shows the mean, and for "single_only" unless
+brightfield_prob is 1.
+
+Brightfield (`brightfield_prob` = p, off by default): when p > 0 and the batch carries transmitted-light channels,
+every single-channel choice (global crop 2 and the single-channel local crops) picks one of them (uniformly among
+those present) with probability p, else a fluorescent channel (uniformly). The mean never includes them. A batch
+without transmitted-light channels uses fluorescent channels only; `MultiViewBatch.brightfield_available` says which
+case a batch was in, so a trainer can count batches that could not honour p.
 
 Per crop, in this order (on the 0-255 scale, float): random resized crop (torchvision's RandomResizedCrop
 distribution, antialiased resize; see image_ops), horizontal flip, vertical flip, rotation by k quarter turns
@@ -38,8 +50,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dinocell.channels import ALL_CHANNELS, BRIGHTFIELD_CHANNELS, FLUORESCENT_CHANNELS
-from dinocell.config.augment import AugmentConfig
+from dinocell.channels import (
+    BRIGHTFIELD_CHANNELS,
+    FLUORESCENT_CHANNELS,
+    is_transmitted_light,
+)
+from dinocell.config.augment import CROP_POLICIES, AugmentConfig
 from dinocell.data.augment_ops import (
     brightness_contrast,
     crop_resize,
@@ -52,6 +68,29 @@ from dinocell.data.augment_ops import (
 
 MEAN_SOURCE = -1  # provenance value for a crop fed by the mean of the fluorescent channels
 N_GLOBAL_CROPS = 2
+
+
+def channel_roles(channel_names: list[str]) -> tuple[list[int], list[int]]:
+    """Indices of the fluorescent and of the transmitted-light channels of a batch: dinocell's own names first in
+    FLUORESCENT_CHANNELS / BRIGHTFIELD_CHANNELS order (so a JUMP batch in any column order averages and draws
+    exactly as before), then the other names in batch order."""
+    names = list(channel_names)
+    fluo = [names.index(n) for n in FLUORESCENT_CHANNELS if n in names]
+    fluo += [i for i, n in enumerate(names) if n not in FLUORESCENT_CHANNELS and not is_transmitted_light(n)]
+    light = [names.index(n) for n in BRIGHTFIELD_CHANNELS if n in names]
+    light += [i for i, n in enumerate(names) if n not in BRIGHTFIELD_CHANNELS and is_transmitted_light(n)]
+    return fluo, light
+
+
+def slot_mean_probs(cfg: AugmentConfig) -> tuple[list[float], list[float]]:
+    """Per crop slot, the probability that the crop shows the fluorescent mean: (global slots, local slots)."""
+    if cfg.crop_policy == "multiview":
+        return [1.0, 0.0], [cfg.mean_prob_local] * cfg.n_local
+    if cfg.crop_policy == "mean_only":  # rand() < 1.0 always: every crop the mean
+        return [1.0] * N_GLOBAL_CROPS, [1.0] * cfg.n_local
+    if cfg.crop_policy == "single_only":  # rand() < 0.0 never: every crop its own channel draw
+        return [0.0] * N_GLOBAL_CROPS, [0.0] * cfg.n_local
+    raise ValueError(f"augment.crop_policy: must be one of {list(CROP_POLICIES)}, got {cfg.crop_policy!r}")
 
 
 @dataclass
@@ -86,8 +125,9 @@ class MultiViewBatch:
     n_global_crops: int
     n_local_crops: int
     batch_size: int
-    brightfield_available: bool  # brightfield channels were present (so brightfield_prob > 0 could be honoured)
+    brightfield_available: bool  # transmitted-light channels were present (so brightfield_prob > 0 could be honoured)
     field_size: tuple[int, int]  # (H, W) of the source fields
+    mean_channels: tuple[str, ...] = ()  # the fluorescent channels averaged into the mean view (MEAN_SOURCE)
 
     def stats(self) -> dict[str, float]:
         """Rates for monitoring (one host sync): how often each choice was made in this batch."""
@@ -97,7 +137,7 @@ class MultiViewBatch:
                 continue
             is_bf = torch.zeros_like(views.blurred)
             for i, name in enumerate(self.channel_names):
-                if name in BRIGHTFIELD_CHANNELS:
+                if is_transmitted_light(name):
                     is_bf |= views.source == i
             out[f"{group}/mean_fraction"] = (views.source == MEAN_SOURCE).float().mean()
             out[f"{group}/brightfield_fraction"] = is_bf.float().mean()
@@ -122,13 +162,16 @@ class MultiViewAugment:
         device = fields_u8.device
         batch, _, height, width = fields_u8.shape
         use_bf = cfg.brightfield_prob > 0 and len(bf_idx) > 0
+        global_mean, local_mean = slot_mean_probs(cfg)
+        if not fluo_idx:
+            _check_without_fluorescence(cfg, list(channel_names), global_mean + local_mean, bf_idx)
         sampler = _ViewSampler(cfg, batch, height, width, fluo_idx, bf_idx if use_bf else [], generator, device)
 
         global_slots = _SlotProbs(
-            mean=[1.0, 0.0], blur=[cfg.blur_prob_global1, cfg.blur_prob_global2], solarize=[0.0, cfg.solarize_prob]
+            mean=global_mean, blur=[cfg.blur_prob_global1, cfg.blur_prob_global2], solarize=[0.0, cfg.solarize_prob]
         )
         local_slots = _SlotProbs(
-            mean=[cfg.mean_prob_local] * cfg.n_local,
+            mean=local_mean,
             blur=[cfg.blur_prob_local] * cfg.n_local,
             solarize=[0.0] * cfg.n_local,
         )
@@ -150,6 +193,7 @@ class MultiViewAugment:
             batch_size=batch,
             brightfield_available=len(bf_idx) > 0,
             field_size=(height, width),
+            mean_channels=tuple(channel_names[i] for i in fluo_idx),
         )
 
     def _render(
@@ -213,7 +257,10 @@ class _SourcePlanes:
         )
         for position, channel in enumerate(used):
             planes[:, position] = fields_u8[:, channel]
-        torch.mean(planes[:, : len(fluo_idx)], dim=1, out=planes[:, -1])
+        if fluo_idx:
+            torch.mean(planes[:, : len(fluo_idx)], dim=1, out=planes[:, -1])
+        else:  # no fluorescent channel: no crop reads the mean (checked before sampling); zeros, not the NaN of mean([])
+            planes[:, -1].zero_()
         self.flat = planes.view(self.batch * self.per_field, self.height, self.width)
         position_of_channel = [used.index(c) if c in used else -1 for c in range(channels)]
         self.position = _device_constant(position_of_channel, torch.long, fields_u8.device)
@@ -239,8 +286,10 @@ class _ViewSampler:
     def __init__(self, cfg, batch, height, width, fluo_idx, bf_idx, generator, device):
         self.cfg, self.batch, self.height, self.width = cfg, batch, height, width
         self.generator, self.device = generator, device
-        self.fluo_idx = _device_constant(fluo_idx, torch.long, device)
         self.bf_idx = _device_constant(bf_idx, torch.long, device) if bf_idx else None
+        # Without fluorescent channels every single choice is transmitted light (brightfield_prob == 1, checked):
+        # draw the placeholder fluorescent pick from those so the draws stay the same in number and order.
+        self.fluo_idx = _device_constant(fluo_idx, torch.long, device) if fluo_idx else self.bf_idx
 
     def rand(self, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.generator, device=self.device)
@@ -295,8 +344,25 @@ def _device_constant(values: list, dtype: torch.dtype, device: torch.device) -> 
     return torch.stack([torch.full((), v, dtype=dtype, device=device) for v in values])
 
 
+def _check_without_fluorescence(cfg: AugmentConfig, names: list[str], mean_probs: list[float], light: list[int]):
+    """A batch without fluorescent channels works only for single_only with every choice transmitted light."""
+    rule = "transmitted light by is_transmitted_light: BRIGHTFIELD_CHANNELS, 'bright', 'phase', '...bf', 'dic'"
+    if any(p > 0 for p in mean_probs):
+        raise ValueError(
+            f"MultiViewAugment: augment.crop_policy={cfg.crop_policy!r} shows the mean of the fluorescent channels, "
+            f"but channel_names {names} has no fluorescent channel (all are {rule}); add one to data.channels or "
+            "use augment.crop_policy=single_only with augment.brightfield_prob=1.0"
+        )
+    if not (light and cfg.brightfield_prob == 1.0):
+        raise ValueError(
+            f"MultiViewAugment: channel_names {names} has no fluorescent channel (all are {rule}), so every "
+            f"single-channel crop must be transmitted light: set augment.brightfield_prob=1.0 "
+            f"(it is {cfg.brightfield_prob})"
+        )
+
+
 def _validate_input(fields_u8, channel_names, generator) -> tuple[list[int], list[int]]:
-    """Check the batch; return the indices of the fluorescent (in FLUORESCENT_CHANNELS order) and brightfield channels."""
+    """Check the batch; return the indices of the fluorescent and transmitted-light channels (channel_roles)."""
     where = "MultiViewAugment"
     if not isinstance(fields_u8, torch.Tensor):
         raise TypeError(f"{where}: fields_u8 must be a torch.Tensor, got {type(fields_u8).__name__}")
@@ -310,23 +376,18 @@ def _validate_input(fields_u8, channel_names, generator) -> tuple[list[int], lis
     names = list(channel_names)
     if len(names) != channels:
         raise ValueError(f"{where}: {len(names)} channel_names {names} for {channels} channels in fields_u8")
-    unknown = [n for n in names if n not in ALL_CHANNELS]
-    if unknown:
-        raise ValueError(f"{where}: unknown channel names {unknown}; known: {list(ALL_CHANNELS)}")
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise ValueError(f"{where}: channel names must be non-empty strings, got {bad} in {names}")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"{where}: duplicate channel names {duplicates} in {names}")
-    missing = [n for n in FLUORESCENT_CHANNELS if n not in names]
-    if missing:
-        raise ValueError(f"{where}: fluorescent channels {missing} missing from channel_names {names}")
     if generator is not None and not _same_device(generator.device, fields_u8.device):
         raise ValueError(
             f"{where}: generator is on {generator.device} but fields_u8 is on {fields_u8.device}; "
             "create the generator on the input's device"
         )
-    fluo_idx = [names.index(n) for n in FLUORESCENT_CHANNELS]
-    bf_idx = [names.index(n) for n in BRIGHTFIELD_CHANNELS if n in names]
-    return fluo_idx, bf_idx
+    return channel_roles(names)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
