@@ -188,4 +188,4 @@ def test_short_run_learns_cross_channel_consistency(bucket):
 
     # the monitoring images were written for the held-out (val) batch
     images = bucket["root"] / "runs" / "tiny" / "images" / "vis"
-    assert sorted(p.name for p in images.iterdir()) == ["attention", "channel_consistency", "pca"]
+    assert sorted(p.name for p in images.iterdir()) == ["attention", "channel_consistency", "pca", "pca_scatter"]

@@ -9,7 +9,14 @@ import pytest
 import torch
 import yaml
 
-from dinocell.monitor.figures import attention_maps_image, matrix_image, pca_rgb_image
+from dinocell.monitor.figures import (
+    COSINE_RANGE,
+    attention_maps_image,
+    matrix_image,
+    pca2,
+    pca_rgb_image,
+    pca_scatter_image,
+)
 from dinocell.monitor.run_log import RunLogger, resolve_wandb_mode
 
 torch.set_num_threads(1)
@@ -96,11 +103,19 @@ def test_sync_uploads_changed_files(tmp_path, s3_bucket):
 def test_wandb_mode_precedence(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert resolve_wandb_mode("env") == "offline" and resolve_wandb_mode(None) == "offline"
-    assert resolve_wandb_mode("disabled") == "disabled"  # explicit wins over the environment
+    assert resolve_wandb_mode("disabled") == "offline"  # the environment wins over the config's mode
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode("online") == "disabled"
     monkeypatch.setenv("WANDB_MODE", "dryrun")
     assert resolve_wandb_mode("env") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "Run ")  # wandb's alias, any case and spacing
+    assert resolve_wandb_mode("disabled") == "online"
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ValueError, match="WANDB_MODE='sometimes'"):
+        resolve_wandb_mode("offline")
     monkeypatch.delenv("WANDB_MODE")
-    assert resolve_wandb_mode("env") == "disabled"
+    assert resolve_wandb_mode("env") == "disabled" and resolve_wandb_mode(None) == "disabled"
+    assert resolve_wandb_mode("offline") == "offline"  # unset: the config decides
     with pytest.raises(ValueError, match="wandb_mode"):
         resolve_wandb_mode("sometimes")
 
@@ -177,3 +192,88 @@ def test_matrix_image():
     assert out.std() > 10  # something was drawn
     with pytest.raises(ValueError, match="2 labels"):
         matrix_image(m, ["a", "b"])
+
+
+def _pixels_near(img: np.ndarray, rgb, tol: int = 2) -> int:
+    return int((np.abs(img.astype(int) - np.asarray(rgb, int)).max(axis=-1) <= tol).sum())
+
+
+def test_matrix_image_fixed_scale_gives_a_value_the_same_colour_in_every_image():
+    import matplotlib
+
+    labels = ["DNA", "ER", "mean"]
+    low = np.array([[1.0, 0.5, 0.2], [0.5, 1.0, 0.3], [0.2, 0.3, 1.0]])
+    high = np.array([[1.0, 0.5, 0.9], [0.5, 1.0, 0.8], [0.9, 0.8, 1.0]])
+    lo, hi = COSINE_RANGE
+    colour = np.round(np.array(matplotlib.colormaps["coolwarm"]((0.5 - lo) / (hi - lo))[:3]) * 255)
+    fixed = [matrix_image(m, labels, "t", vmin=lo, vmax=hi, cmap="coolwarm") for m in (low, high)]
+    # the two 0.5 cells (minus their text) in both images: a large area of exactly that colour
+    counts = [_pixels_near(img, colour) for img in fixed]
+    assert min(counts) > 2000, counts
+    # per-image scales (the default) paint 0.5 differently in each: in `high` it is the minimum, not mid-scale
+    auto = matrix_image(high, labels, "t", cmap="coolwarm")
+    assert _pixels_near(auto, colour) < counts[1] / 10
+    # text stays readable on a diverging map: dark text on the light middle, light text on saturated ends
+    assert matrix_image(np.zeros((2, 2)), ["a", "b"], vmin=lo, vmax=hi, cmap="coolwarm").std() > 5
+
+
+def test_pca2_finds_the_planted_directions():
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 2, generator=gen))[0]  # two orthonormal directions
+    coef = torch.randn(200, 2, generator=gen) * torch.tensor([10.0, 3.0])
+    x = coef @ basis.T + 0.01 * torch.randn(200, 16, generator=gen) + 5.0
+    pts = pca2(x)
+    assert pts.shape == (200, 2)
+    # PC 1 recovers the large planted coordinate, PC 2 the small one (up to sign)
+    assert abs(np.corrcoef(pts[:, 0], coef[:, 0].numpy())[0, 1]) > 0.999
+    assert abs(np.corrcoef(pts[:, 1], coef[:, 1].numpy())[0, 1]) > 0.99  # the sample is not exactly uncorrelated
+    assert np.allclose(pca2(x), pts)  # signs fixed: deterministic
+    with pytest.raises(ValueError, match="N >= 2"):
+        pca2(torch.zeros(1, 4))
+
+
+def test_pca_scatter_colours_points_by_channel():
+    import matplotlib
+
+    gen = torch.Generator().manual_seed(1)
+    views = ["DNA", "ER", "RNA"]
+    # channel-specific embeddings: each view is its own tight cluster
+    embs = {v: {"cls": torch.randn(1, 8, generator=gen) * 10 + 0.01 * torch.randn(6, 8, generator=gen)}
+            for v in views}
+    one = pca_scatter_image(embs, "cls", title="t")
+    two = pca_scatter_image(embs, "cls", {"field": [f"f{i}" for i in range(6)]}, title="t")
+    assert one.dtype == np.uint8 and two.shape[0] == one.shape[0] and two.shape[1] > 1.8 * one.shape[1]
+    tab10 = matplotlib.colormaps["tab10"]
+
+    def drawn(k: int) -> np.ndarray:  # the points are drawn at alpha 0.8 over white
+        return np.round((0.8 * np.array(tab10(k)[:3]) + 0.2) * 255)
+
+    for k in range(len(views)):  # every channel's colour is drawn (points and legend)
+        assert _pixels_near(one, drawn(k), tol=3) > 20, views[k]
+    assert _pixels_near(one, drawn(3), tol=3) == 0  # no fourth group
+    with pytest.raises(ValueError, match="grouping 'field' has 2 labels for 6 fields"):
+        pca_scatter_image(embs, "cls", {"field": ["a", "b"]})
+    with pytest.raises(ValueError, match="'patch_mean'"):
+        pca_scatter_image(embs, "patch_mean")
+
+
+def test_visualizer_images_and_numbers():
+    from dinocell.channels import ALL_CHANNELS
+    from dinocell.config import load_config, packaged_config
+    from dinocell.model.vit import vit_tiny
+    from dinocell.train.visualize import Visualizer
+
+    cfg = load_config(packaged_config("tiny"), ["augment.global_size=32"])
+    gen = torch.Generator().manual_seed(0)
+    fields = torch.randint(0, 256, (3, len(ALL_CHANNELS), 48, 48), generator=gen, dtype=torch.uint8)
+    batch = {"images": fields, "channels": list(ALL_CHANNELS), "field_ids": ["B/P1/A01/1", "B/P1/A01/2", "B/P1/B02/1"]}
+    vis = Visualizer.from_config(cfg, batch, torch.device("cpu"))
+    assert vis.field_ids == batch["field_ids"]
+    backbone = vit_tiny(patch_size=8, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    images, scalars = vis.images(backbone)
+    assert set(images) == {"vis/attention", "vis/pca", "vis/pca_scatter", "vis/channel_consistency"}
+    assert all(img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 for img in images.values())
+    assert set(scalars) == {f"consistency/{k}" for k in ("same_field", "different_field", "gap", "top1", "mrr")}
+    assert all(math.isfinite(v) for v in scalars.values())
+    with pytest.raises(ValueError, match="2 field ids for 3 fields"):
+        Visualizer(cfg, fields, tuple(ALL_CHANNELS), torch.device("cpu"), ["a", "b"])

@@ -1,4 +1,5 @@
-"""Diagnostic images of a run: attention maps, PCA-RGB patch-feature maps and matrix heatmaps (uint8 RGB arrays).
+"""Diagnostic images of a run (uint8 RGB arrays): attention maps, PCA-RGB patch-feature maps, PCA scatters of the
+embeddings coloured by channel, matrix heatmaps.
 
 Used by the trainer's visualiser (every `train.vis_every` iterations) and by the evaluation report; writing them is
 the RunLogger's job (dinocell.monitor.run_log).
@@ -10,7 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_maps_image", "matrix_image", "pca_rgb_image"]
+__all__ = ["COSINE_RANGE", "attention_maps_image", "matrix_image", "pca2", "pca_rgb_image", "pca_scatter_image"]
+
+# The colour scale of cosine-similarity heatmaps: fixed, so the images of every step and every run compare.
+COSINE_RANGE = (-1.0, 1.0)
 
 
 def _as_images(images, n: int, where: str) -> torch.Tensor:
@@ -120,12 +124,90 @@ def pca_rgb_image(patch_tokens, grid_hw, images, max_images: int = 8) -> np.ndar
     return _tile(rows)
 
 
+def pca2(x) -> np.ndarray:
+    """[N, D] -> [N, 2]: the first two principal components of the rows (signs fixed: largest loading positive)."""
+    x = torch.as_tensor(x).detach().double().cpu()
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"pca2: expected [N >= 2, D] rows, got {tuple(x.shape)}")
+    x = x - x.mean(dim=0, keepdim=True)
+    _, vecs = torch.linalg.eigh(x.T @ x)  # ascending eigenvalues
+    vecs = vecs[:, -2:].flip(1)
+    if vecs.shape[1] < 2:  # D == 1: the second component is 0
+        vecs = torch.cat([vecs, torch.zeros_like(vecs)], dim=1)
+    signs = torch.sign(vecs.gather(0, vecs.abs().argmax(dim=0, keepdim=True)))
+    signs[signs == 0] = 1
+    return (x @ (vecs * signs)).numpy()
+
+
+def _palette(n: int) -> list:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    if n <= 20:
+        return [cmap(i % cmap.N) for i in range(n)]
+    return [matplotlib.colormaps["hsv"](i / n) for i in range(n)]
+
+
+def _render(fig) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def pca_scatter_image(embs: dict, key: str = "cls", groupings: dict | None = None, title: str = "") -> np.ndarray:
+    """Every view of every field projected on the first 2 PCs of all of them: one panel coloured by view (channel),
+    then one per grouping of the fields ({name: one label per field}, e.g. {"plate": plates}).
+
+    embs: {view: {key: [B, D]}} (dinocell.monitor.consistency.embed_views). Channel consistency shows as views of a
+    field landing together, and the panels coloured by channel mixed; clusters by channel mean channel-specific
+    features.
+    """
+    from matplotlib.figure import Figure
+
+    views = list(embs)
+    if not views or any(key not in embs[v] for v in views):
+        raise ValueError(f"pca_scatter_image: every view needs a {key!r} embedding, got views {views}")
+    n = int(torch.as_tensor(embs[views[0]][key]).shape[0])
+    groupings = dict(groupings or {})
+    for name, labels in groupings.items():
+        if len(labels) != n:
+            raise ValueError(f"pca_scatter_image: grouping {name!r} has {len(labels)} labels for {n} fields")
+    pts = pca2(torch.cat([torch.as_tensor(embs[v][key]) for v in views]))
+    colourings = [("view (channel)", [v for v in views for _ in range(n)])]
+    colourings += [(name, [str(x) for x in labels] * len(views)) for name, labels in groupings.items()]
+    fig = Figure(figsize=(5 * len(colourings), 4.8), dpi=90)
+    for k, (name, labels) in enumerate(colourings):
+        ax = fig.add_subplot(1, len(colourings), k + 1)
+        groups = list(dict.fromkeys(labels))
+        for g, colour in zip(groups, _palette(len(groups))):
+            idx = [i for i, lab in enumerate(labels) if lab == g]
+            ax.scatter(pts[idx, 0], pts[idx, 1], s=12, color=colour, label=g, alpha=0.8, linewidths=0)
+        if len(groups) <= 16:
+            ax.legend(fontsize=7, markerscale=1.5, loc="best")
+        else:
+            ax.text(0.01, 0.99, f"{len(groups)} {name}s (legend omitted)", transform=ax.transAxes, va="top",
+                    fontsize=8)
+        ax.set_title(f"coloured by {name}")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+    if title:
+        fig.suptitle(title)
+    return _render(fig)
+
+
 def matrix_image(
     matrix, labels, title: str = "", fmt: str = ".2f", vmin: float | None = None, vmax: float | None = None,
     cmap: str = "viridis",
 ) -> np.ndarray:  # fmt: skip
-    """A [V, V] matrix as an annotated heatmap (rows and columns labelled), rendered with matplotlib's Agg backend."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    """A [V, V] matrix as an annotated heatmap (rows and columns labelled), rendered with matplotlib's Agg backend.
+
+    vmin / vmax fix the colour scale (default: the matrix's own range, which differs from image to image: pass them,
+    e.g. COSINE_RANGE, when images of several steps or runs are compared). Values outside are drawn at the ends.
+    """
+    import matplotlib
     from matplotlib.figure import Figure
 
     m = np.asarray(torch.as_tensor(matrix).detach().cpu().double() if isinstance(matrix, torch.Tensor) else matrix,
@@ -136,23 +218,25 @@ def matrix_image(
     v = len(labels)
     side = max(3.5, 0.65 * v + 2.0)
     fig = Figure(figsize=(side + 1.0, side), dpi=100)
-    canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     finite = m[np.isfinite(m)]
     lo = vmin if vmin is not None else (finite.min() if finite.size else 0.0)
     hi = vmax if vmax is not None else (finite.max() if finite.size else 1.0)
+    if not hi > lo:
+        hi = lo + 1.0  # a constant matrix: any non-empty scale
     im = ax.imshow(m, cmap=cmap, vmin=lo, vmax=hi)
     ax.set_xticks(range(v), labels=labels, rotation=45, ha="right")
     ax.set_yticks(range(v), labels=labels)
-    mid = (lo + hi) / 2
+    colours = matplotlib.colormaps[cmap]
     for i in range(v):
         for j in range(v):
             val = m[i, j]
             text = format(val, fmt) if np.isfinite(val) else "nan"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if val > mid else "white")
+            # text readable on its cell whatever the colormap (diverging ones are light in the middle); NaN: blank
+            r, g, b, _ = colours(float(np.clip((val - lo) / (hi - lo), 0, 1))) if np.isfinite(val) else (1, 1, 1, 1)
+            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
     if title:
         ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return _render(fig)

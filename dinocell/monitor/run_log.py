@@ -2,18 +2,27 @@
 
 `RunLogger` writes, on rank 0 only:
 - `run_dir/config.yaml`: the run's configuration;
-- `run_dir/metrics.jsonl`: one JSON object per `log_scalars` call: {"step", "time" (unix s), "elapsed_s", values...};
-  non-finite floats are written as the strings "nan", "inf", "-inf" (strict JSON has no NaN, and a NaN loss must not
-  vanish from the log);
+- `run_dir/metrics.jsonl`: one JSON object per `log_scalars` call: {"step", "time" (unix s), "elapsed_s", values...}
+  under the caller's keys; non-finite floats are written as the strings "nan", "inf", "-inf" (strict JSON has no NaN,
+  and a NaN loss must not vanish from the log);
 - `run_dir/images/<name>/<step:08d>.png` for every `log_image` call;
 - W&B, mirrored from the same calls, when the mode is not "disabled".
 
-W&B mode precedence: an explicit "online" / "offline" / "disabled" argument wins; "env" (or None) reads the
-`WANDB_MODE` environment variable (online, offline, disabled; wandb's aliases "run" and "dryrun" too) and means
-"disabled" when it is unset. W&B is never required: when wandb cannot be imported or its init fails, one warning is
-logged and the local logs carry on. Offline runs go to `$WANDB_DIR` when set, else inside the run directory (so
-`sync_to` ships them along). The W&B run id is kept in `run_dir/wandb_id.txt`, so a restarted job resumes the same
-W&B run.
+W&B keys (`wandb_key`): W&B users read a run by its panel sections, so the trainer's flat keys are renamed for W&B
+only (metrics.jsonl keeps the caller's keys): the schedule values go under `training/` (`lr` -> `training/lr`,
+`epoch` -> `training/epoch`, `momentum` -> `training/teacher_momentum`, ...), throughput under `perf/`, the skip
+counters under `training/`; `loss/*`, `grad_norm/*`, `augment/*`, `data/*`, `consistency/*` and any other key pass
+unchanged. The GPU is read here, not in the loop (`gpu_scalars`): every W&B record gets `system/gpu_memory_gb` and
+`system/gpu_memory_reserved_gb` (now), `system/gpu_memory_peak_gb` (peak allocated since the start; GB = 1e9 bytes)
+and `system/gpu_util` (percent, torch.cuda.utilization(), which needs NVML: without it the key is left out, never a
+made-up 0), when CUDA is in use in this process. The trainer's own `gpu_mem_gib` is not sent (the peak above says it).
+
+W&B mode precedence: the `WANDB_MODE` environment variable, when set (online, offline, disabled; wandb's aliases
+"run" and "dryrun" too), wins over the mode argument (the config's `train.wandb_mode`): a cluster or CI sets it for
+every run without editing configs, as with any other wandb program. Unset, the argument decides ("env" or None then
+means "disabled"). W&B is never required: when wandb cannot be imported or its init fails, one warning is logged and
+the local logs carry on. Offline runs go to `$WANDB_DIR` when set, else inside the run directory (so `sync_to` ships
+them along). The W&B run id is kept in `run_dir/wandb_id.txt`, so a restarted job resumes the same W&B run.
 
 For an s3:// output the trainer logs to a local run directory and calls `sync_to(uri)` now and then: it uploads the
 files that changed since the previous sync.
@@ -36,7 +45,7 @@ import torch
 from dinocell import storage
 from dinocell.log import get_logger
 
-__all__ = ["RunLogger", "encode_png"]
+__all__ = ["WANDB_KEYS", "RunLogger", "encode_png", "gpu_scalars", "resolve_wandb_mode", "wandb_key"]
 
 log = get_logger(__name__)
 
@@ -46,17 +55,62 @@ _warned_no_wandb = False
 
 
 def resolve_wandb_mode(mode: str | None) -> str:
-    """The effective W&B mode (see the module docstring for the precedence)."""
-    if mode is None or mode == "env":
-        env = os.environ.get("WANDB_MODE", "").strip().lower()
-        if not env:
-            return "disabled"
+    """The effective W&B mode: $WANDB_MODE when set, else `mode` (see the module docstring)."""
+    if mode is not None and mode not in ("online", "offline", "disabled", "env"):
+        raise ValueError(f"train.wandb_mode must be 'online', 'offline', 'disabled' or 'env', got {mode!r}")
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env:
         if env not in _WANDB_MODES:
             raise ValueError(f"WANDB_MODE={env!r} is not one of {sorted(_WANDB_MODES)}")
         return _WANDB_MODES[env]
-    if mode not in ("online", "offline", "disabled"):
-        raise ValueError(f"wandb_mode must be 'online', 'offline', 'disabled' or 'env', got {mode!r}")
-    return mode
+    return "disabled" if mode in (None, "env") else mode
+
+
+# The trainer's keys (dinocell.train.loop) -> W&B's; None: not sent to W&B. Keys not listed pass unchanged.
+WANDB_KEYS: dict[str, str | None] = {
+    "lr": "training/lr",
+    "last_layer_lr": "training/last_layer_lr",
+    "wd": "training/weight_decay",
+    "momentum": "training/teacher_momentum",
+    "teacher_temp": "training/teacher_temp",
+    "epoch": "training/epoch",
+    "skipped_total": "training/skipped_updates",
+    "skipped": "training/skipped_updates",
+    "nonfinite/iteration": "training/nonfinite_iteration",
+    "fields_per_s": "perf/fields_per_s",
+    "s_per_iter": "perf/s_per_iter",
+    "data_wait_s_per_iter": "perf/data_wait_s_per_iter",
+    "gpu_mem_gib": None,  # the peak allocated memory: system/gpu_memory_peak_gb says it (gpu_scalars)
+}
+
+
+def wandb_key(key: str) -> str | None:
+    return WANDB_KEYS.get(key, key)
+
+
+_gpu_util_broken = False  # torch.cuda.utilization raised once (no NVML): not asked again
+
+
+def gpu_scalars() -> dict[str, float]:
+    """system/gpu_* of this process's current CUDA device (see the module docstring); {} when CUDA is not in use.
+
+    Only a process that already initialised CUDA is asked: a CPU run on a GPU machine must not create a context."""
+    global _gpu_util_broken
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    dev = torch.cuda.current_device()
+    out = {
+        "system/gpu_memory_gb": torch.cuda.memory_allocated(dev) / 1e9,
+        "system/gpu_memory_reserved_gb": torch.cuda.memory_reserved(dev) / 1e9,
+        "system/gpu_memory_peak_gb": torch.cuda.max_memory_allocated(dev) / 1e9,
+    }
+    if not _gpu_util_broken:
+        try:
+            out["system/gpu_util"] = float(torch.cuda.utilization(dev))
+        except Exception as e:  # noqa: BLE001 - NVML missing or unsupported: leave the key out, never a fake 0
+            _gpu_util_broken = True
+            log.info("system/gpu_util not logged: torch.cuda.utilization failed (%s: %s)", type(e).__name__, e)
+    return out
 
 
 def _plain(value, path: str = "config"):
@@ -189,6 +243,17 @@ class RunLogger:
             log.warning("wandb init failed (%s: %s): logging locally only", type(e).__name__, e)
             self._run = None
 
+    @staticmethod
+    def _wandb_record(scalars: dict) -> dict:
+        """The W&B record of one log_scalars call: renamed keys (WANDB_KEYS) plus the GPU's system/* values."""
+        record = {}
+        for key, value in scalars.items():
+            name = wandb_key(key)
+            if name is not None:
+                record[name] = value
+        record.update(gpu_scalars())
+        return record
+
     @property
     def wandb_run(self):
         """The live wandb Run, or None."""
@@ -207,7 +272,7 @@ class RunLogger:
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()  # a crash loses at most the line being written
         if self._run is not None:
-            self._run.log(scalars, step=int(step))
+            self._run.log(self._wandb_record(scalars), step=int(step))
 
     def log_image(self, step: int, name: str, rgb_uint8) -> str | None:
         """Write images/<name>/<step:08d>.png (name may have '/'-separated parts); returns the path on rank 0."""
