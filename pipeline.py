@@ -1,7 +1,7 @@
 """The dinocell Kubeflow pipeline (KFP v2): discover -> shard -> train -> evaluate -> publish.
 
     python pipeline.py compile [--output pipeline.yaml] [--local-gpus N --local-node-selector K=V ...]
-    python pipeline.py run --local [--endpoint URL --source S3_ROOT --outputs S3_PREFIX] [--config tiny] [--set k=v]
+    python pipeline.py run --local [--endpoint URL --source S3_ROOT --outputs S3_PREFIX [--cache]] [--config tiny] [--set k=v]
     python pipeline.py submit --host URL [--experiment E] [--run-name R] [--package pipeline.yaml] [key=value ...]
     python pipeline.py demo [--steps] [...]      (`make demo`)
 
@@ -17,9 +17,19 @@ Values are JSON where the parameter is a list or mapping, e.g. `overrides='["tra
 `node_selector='{"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}'`.
 
 The pipeline is flat (five tasks, no nested pipelines or exit handlers). Steps exchange object-storage URIs: each
-writes its data under `<output_root>/<run id>/` (dinocell.pipeline.layout.RunLayout) and puts the URI in its output artifact's
-metadata and in a small pointer file. Run id = `run_name`, or the KFP run's id when that is empty (a rerun with the
-same run_name resumes the shards and the training run).
+puts the URI of its data in its output artifact's metadata and in a small pointer file.
+- discover and shard write under `<output_root>/data/`, at prefixes named by a hash of their real inputs (config,
+  source, channels, the manifest's bytes: dinocell.pipeline.data_keys). They take no run name or job id and have
+  caching on, so a rerun with unchanged inputs reuses both from KFP's cache; if the cache misses, the shard step
+  still finds its complete shard set under the same key and reuses it.
+- train, evaluate and publish write per run, under `<output_root>/<run id>/` (dinocell.pipeline.layout.RunLayout),
+  with caching off. Run id = `run_name`, or the KFP run's id when that is empty (a rerun with the same run_name
+  resumes the training run).
+
+Cancelling a run stops the training job: the train task gets its pod's name, uid and namespace (downward API, env
+POD_NAME / POD_UID / POD_NAMESPACE), the launcher makes the job an owned object of that pod (deleted with it by the
+garbage collector) and deletes the job itself on SIGTERM. A lease in the run directory (`<run>/train/lease.json`)
+keeps a second job from writing the same run while the first one is alive.
 
 Training: `backend=pytorchjob|trainjob` (default) makes the train task a launcher that creates a Kubernetes job whose
 pods request `gpus_per_node` GPUs on `nodes` nodes (image `train_image`, placed by `node_selector`/`tolerations`,
@@ -63,6 +73,13 @@ DEFAULT_IMAGES_PREFIX = "s3://cellpainting-gallery/cpg0000-jump-pilot/source_4/i
 DEFAULT_OUTPUT_ROOT = "s3://dinocell/runs"
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_CREDENTIAL_KEYS = ("AWS_ENDPOINT_URL",)  # absent for AWS S3 itself
+# The train task trains in its own pod with backend=local: W&B logging there needs the key as well (optional).
+OPTIONAL_TRAIN_KEYS = ("WANDB_API_KEY",)
+# Downward API env of the train launcher: the pod the training job is owned by (dinocell.launch.ownership).
+POD_FIELD_ENV = {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid", "POD_NAMESPACE": "metadata.namespace"}
+# Per-task KFP caching: the data steps are pure functions of their inputs; the others have per-run outputs, and the
+# train task's side effect is the training job itself, which a cache hit must never skip.
+CACHED_TASKS = ("discover", "shard")
 
 
 # step -> (cpu request, cpu limit, memory request, memory limit)
@@ -104,12 +121,16 @@ def make_pipeline(options: TaskOptions | None = None) -> Callable:
     """The pipeline function, with the step pods configured by `options`."""
     opts = options or TaskOptions()
 
-    def pod_settings(task, secret_name) -> None:
+    def pod_settings(task, secret_name, name: str) -> None:
         if opts.use_secret:
+            optional = OPTIONAL_CREDENTIAL_KEYS + (OPTIONAL_TRAIN_KEYS if name == "train" else ())
             kfp_k8s.use_secret_as_env(task, secret_name=secret_name,
                                       secret_key_to_env={k: k for k in CREDENTIAL_KEYS})
             kfp_k8s.use_secret_as_env(task, secret_name=secret_name,
-                                      secret_key_to_env={k: k for k in OPTIONAL_CREDENTIAL_KEYS}, optional=True)
+                                      secret_key_to_env={k: k for k in optional}, optional=True)
+        if name == "train":
+            for env, path in POD_FIELD_ENV.items():
+                kfp_k8s.use_field_path_as_env(task, env_name=env, field_path=path)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=(
         "Continued DINOv3 pretraining on JUMP Cell Painting with multi-view channel consistency: discover fields, "
@@ -145,9 +166,11 @@ def make_pipeline(options: TaskOptions | None = None) -> Callable:
         s3 = {"s3_endpoint": s3_endpoint, "s3_anonymous": s3_anonymous}
         cfg = {"config": config, "overrides": overrides}
 
-        d = discover(images_prefix=images_prefix, load_data=load_data, mode=discovery_mode, **cfg, **run, **s3)
+        # The data steps get no run name or job id (their outputs are content-addressed): see the module docstring.
+        d = discover(images_prefix=images_prefix, load_data=load_data, mode=discovery_mode, output_root=output_root,
+                     **cfg, **s3)
         d.set_display_name("discover fields")
-        s = shard(manifest=d.outputs["manifest"], **cfg, **run, **s3)
+        s = shard(manifest=d.outputs["manifest"], output_root=output_root, **cfg, **s3)
         s.set_display_name("shard")
         t = train(manifest=d.outputs["manifest"], shards=s.outputs["shards"], backend=backend, nodes=nodes,
                   gpus_per_node=gpus_per_node, nproc_per_node=nproc_per_node, train_image=train_image,
@@ -155,8 +178,6 @@ def make_pipeline(options: TaskOptions | None = None) -> Callable:
                   namespace=namespace, cpu_per_node=cpu_per_node, memory_per_node=memory_per_node,
                   timeout_hours=train_timeout_hours, **cfg, **run, **s3)
         t.set_display_name("train")
-        # A finished training run must not be skipped or replayed from cache by a later submission.
-        t.set_caching_options(False)
         if opts.local_gpus:
             # Training in the task's own pod: it needs the GPUs and the CUDA image (which holds kfp too).
             t.set_accelerator_type(opts.accelerator_type).set_accelerator_limit(opts.local_gpus)
@@ -172,7 +193,8 @@ def make_pipeline(options: TaskOptions | None = None) -> Callable:
                     model_name=model_name, model_version=model_version, **cfg, **run, **s3)
         p.set_display_name("publish")
         for name, task in (("discover", d), ("shard", s), ("train", t), ("evaluate", e), ("publish", p)):
-            pod_settings(task, secret_name)
+            task.set_caching_options(name in CACHED_TASKS)
+            pod_settings(task, secret_name, name)
             cpu_req, cpu_lim, mem_req, mem_lim = opts.resources[name]
             if not (name == "train" and opts.local_gpus):  # a local-GPU train task trains itself: no small limits
                 task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim)
@@ -254,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", default="")
     p.add_argument("--model-name", default="dinocell-demo")
     p.add_argument("--model-version", default="")
+    p.add_argument("--cache", action="store_true", help="kfp.local's task cache: a rerun with unchanged inputs "
+                   "reuses discover and shard (needs --endpoint: the demo's in-memory bucket does not outlive a run)")
 
     p = sub.add_parser("submit", help="submit a compiled pipeline to a KFP endpoint")
     p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
@@ -283,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "run":
         if not args.endpoint:
+            if args.cache:
+                raise SystemExit("pipeline.py run --cache: needs --endpoint (the demo's bucket lives in memory, so a "
+                                 "cached URI from an earlier run would point at nothing)")
             if args.source or args.outputs:
                 raise SystemExit("pipeline.py run: --source/--outputs need --endpoint (without it the demo bucket is used)")
             from dinocell.pipeline import demo
@@ -300,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
         outcome = run_local(dinocell_pipeline, args.source, args.outputs, args.workdir, args.config, args.overrides,
                             args.endpoint, run_name=args.run_name, model_name=args.model_name,
-                            model_version=args.model_version, anonymous=args.anonymous)
+                            model_version=args.model_version, anonymous=args.anonymous, cache=args.cache)
         print(outcome.format())
         return 0
     from dinocell.pipeline.submit import submit

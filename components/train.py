@@ -3,7 +3,9 @@
 backend "local" trains inside this step's pod (give the task a GPU: `python pipeline.py compile --local-gpus N`);
 "pytorchjob" / "trainjob" create a Kubernetes job whose pods get the GPUs (gpus_per_node x nodes, node selector,
 tolerations and the storage Secret), follow it to the end and hand on the final checkpoint. The launcher pod itself
-needs no GPU, only RBAC to create the job (manifests/base/rbac.yaml).
+needs no GPU, only RBAC to create the job (manifests/base/rbac.yaml). The job is owned by this task's pod (POD_NAME /
+POD_UID from the downward API, set in pipeline.py) and deleted on SIGTERM, so cancelling the run stops it; a lease
+in the run directory refuses a second live job on the same run name.
 """
 
 from kfp import dsl

@@ -156,6 +156,25 @@ def test_trainjob_schema_valid_and_fields(nodes):
     assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
 
 
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+def test_both_backends_hand_the_wandb_key_of_the_secret_to_the_training_container(backend):
+    """W&B logging (train.wandb_mode: online) reads WANDB_API_KEY: the PyTorchJob takes the whole Secret (envFrom), the
+    TrainJob, whose API has no envFrom, reads it key by key, optional like the endpoint (a Secret without it is fine)."""
+    job = build_job(spec_for(backend, gpus=1, env_from_secret="team-secrets"), backend)
+    validate_object(job)
+    if backend == "pytorchjob":
+        (container,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+        assert container["envFrom"] == [{"secretRef": {"name": "team-secrets"}}]  # every key, WANDB_API_KEY too
+        return
+    env = {e["name"]: e for e in job["spec"]["trainer"]["env"]}
+    assert env["WANDB_API_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "team-secrets", "key": "WANDB_API_KEY", "optional": True}}
+    assert "optional" not in env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]  # credentials stay required
+    # Without a Secret there is nothing to read, for either key.
+    bare = build_trainjob(spec_for("trainjob", env_from_secret=None))
+    assert not any(e["name"] == "WANDB_API_KEY" for e in bare["spec"]["trainer"].get("env", []))
+
+
 def test_build_job_dispatches_by_backend():
     assert build_job(spec_for("trainjob"), "trainjob")["kind"] == "TrainJob"
     assert build_job(spec_for("pytorchjob"))["kind"] == "PyTorchJob"

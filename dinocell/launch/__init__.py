@@ -2,13 +2,15 @@
 
 Modules: jobspec (JobSpec, torchrun command), pytorchjob / trainjob (builders), validate (vendored CRD schemas),
 backends (the job kinds), cluster (API client, namespace), launcher (run_job), status (conditions, queued/pending),
-logs (master log streaming), cleanup (deleting the job), results (JobResult and the errors), step (the train step).
+logs (master log streaming), cleanup (deleting the job), results (JobResult and the errors), ownership (the launcher
+pod owns the job), cancel (SIGTERM deletes the job), lease (one live job per run directory), step (the train step).
 
 The builders and validation need only the standard library and jsonschema; the launcher imports the `kubernetes`
 client lazily (extra `dinocell[pipeline]`).
 """
 
 from dinocell.launch.backends import get_backend
+from dinocell.launch.cancel import JobCancelled
 from dinocell.launch.cluster import make_api_client, resolve_namespace
 from dinocell.launch.jobspec import (
     BACKENDS,
@@ -22,6 +24,7 @@ from dinocell.launch.jobspec import (
     unique_job_name,
 )
 from dinocell.launch.launcher import DEFAULT_START_TIMEOUT_S, run_job
+from dinocell.launch.lease import RunDirLeased
 from dinocell.launch.pytorchjob import build_pytorchjob
 from dinocell.launch.results import JobFailed, JobResult, JobSubmitError, JobTimeout
 from dinocell.launch.trainjob import build_trainjob
@@ -36,6 +39,7 @@ def build_job(spec: JobSpec, backend: str = "pytorchjob") -> dict:
 __all__ = [
     "BACKENDS",
     "DEFAULT_START_TIMEOUT_S",
+    "JobCancelled",
     "JobFailed",
     "JobResult",
     "JobSpec",
@@ -46,6 +50,7 @@ __all__ = [
     "ManifestInvalid",
     "RESILIENT_MAX_RESTARTS",
     "RESILIENT_RUN_POLICY",
+    "RunDirLeased",
     "build_job",
     "build_pytorchjob",
     "build_trainjob",

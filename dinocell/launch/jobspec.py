@@ -50,8 +50,11 @@ _DNS1123_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([
 RESILIENT_RUN_POLICY = {"restart_policy": "OnFailure", "backoff_limit": 3, "clean_pod_policy": "Running"}
 RESILIENT_MAX_RESTARTS = 3
 
-DEFAULT_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
-DEFAULT_OPTIONAL_SECRET_KEYS = ("AWS_ENDPOINT_URL",)  # plain AWS S3 needs no endpoint
+# The keys a TrainJob reads one by one from the Secret (a PyTorchJob takes the whole Secret through envFrom): the
+# storage credentials, and the W&B key for `train.wandb_mode: online` runs (optional, like the endpoint: plain AWS S3
+# needs none).
+DEFAULT_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "WANDB_API_KEY")
+DEFAULT_OPTIONAL_SECRET_KEYS = ("AWS_ENDPOINT_URL", "WANDB_API_KEY")
 
 
 class JobSpecError(ValueError):

@@ -15,6 +15,11 @@ The job ends as:
 - still running after timeout_s: JobTimeout 'Timeout'.
 `cleanup` decides whether the job object (and, through owner references, its pods) is deleted afterwards
 (cleanup.py); a job that never started is deleted unless cleanup is 'never'.
+
+Cancellation: SIGTERM while run_job runs (KFP terminating the run) deletes the job unless cleanup is 'never', then
+the process exits 143 (cancel.py); and in a pod that knows itself (POD_NAME / POD_UID), the job is owned by that pod,
+so deleting the pod deletes the job (ownership.py). `run_dir`: the directory the job writes; a lease there
+(lease.py) refuses a second live job on the same run and is released once the job is over.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ import time
 from collections.abc import Callable
 
 from dinocell.launch.backends import BACKEND_TABLE, Backend, get_backend
+from dinocell.launch.cancel import JobCancelled, cancel_on_signals
 from dinocell.launch.cleanup import CLEANUP_POLICIES, delete_job, should_delete
 from dinocell.launch.cluster import SA_NAMESPACE_FILE, api_error_text, make_api_client, resolve_namespace
 from dinocell.launch.jobspec import JobSpec
+from dinocell.launch.lease import Lease, acquire_lease, record_uid, release_lease
 from dinocell.launch.logs import LogFollower, parse_log_timestamp, print_line
+from dinocell.launch.ownership import add_owner, launcher_pod_owner
 from dinocell.launch.results import JobFailed, JobResult, JobSubmitError, JobTimeout
 from dinocell.launch.status import (
     STARTED_POD_PHASES,
@@ -83,10 +91,10 @@ def run_job(
     validate: bool = True,
     request_timeout_s: float = 60.0,
     host: str | None = None,
+    run_dir: str | None = None,
 ) -> JobResult:
     """Create the job, follow it to the end, stream the master log, clean up per `cleanup`; see the module docstring."""
     from kubernetes import client
-    from kubernetes.client.rest import ApiException
 
     bk = get_backend(backend)
     if cleanup not in CLEANUP_POLICIES:
@@ -100,7 +108,7 @@ def run_job(
             f"poll_s, start_timeout_s, timeout_s must be > 0 (got {poll_s}, {start_timeout_s}, {timeout_s})"
         )
     ns = resolve_namespace(namespace, spec)
-    obj = bk.build(spec)
+    obj = add_owner(bk.build(spec), launcher_pod_owner(ns))
     obj["metadata"]["namespace"] = ns
     if validate:
         validate_object(obj)
@@ -110,17 +118,47 @@ def run_job(
     core = client.CoreV1Api(api_client)
     name, what = spec.name, f"{bk.kind} {ns}/{spec.name}"
     rt = request_timeout_s
+    lease = acquire_lease(custom, run_dir, bk, ns, name, rt) if run_dir else None
+
+    with cancel_on_signals():
+        try:
+            result = _create_and_follow(custom, core, bk, obj, ns, name, what, poll_s, start_timeout_s, timeout_s,
+                                        cleanup, log_sink, rt, lease)
+        except JobCancelled as e:  # the run was cancelled: the job must not go on unwatched
+            log.warning("%s: %s: cancelled", what, e.signal_name)
+            if cleanup != "never" and delete_job(custom, bk, ns, name, rt) and lease is not None:
+                release_lease(lease)
+            raise
+        except JobFailed as e:
+            # Released once the job is over: failed, or deleted; a job past timeout_s that was kept still runs.
+            if lease is not None and (e.deleted or not isinstance(e, JobTimeout)):
+                release_lease(lease)
+            raise
+    if lease is not None:
+        release_lease(lease)
+    return result
+
+
+def _create_and_follow(custom, core, bk: Backend, obj: dict, ns: str, name: str, what: str, poll_s: float,
+                       start_timeout_s: float | None, timeout_s: float | None, cleanup: str,
+                       log_sink: Callable[[str], None] | None, rt: float, lease: Lease | None) -> JobResult:
+    from kubernetes.client.rest import ApiException
 
     try:
-        custom.create_namespaced_custom_object(bk.group, bk.version, ns, bk.plural, obj, _request_timeout=rt)
+        created = custom.create_namespaced_custom_object(bk.group, bk.version, ns, bk.plural, obj, _request_timeout=rt)
     except ApiException as e:
         hint = {
             404: f" (is the {bk.kind} CRD installed? {bk.group}/{bk.version} {bk.plural} was not found)",
             409: " (a job of that name exists: delete it or pick another name, e.g. jobspec.unique_job_name)",
             403: " (the service account lacks RBAC to create it: see manifests/base/rbac.yaml)",
         }.get(e.status, "")
+        if lease is not None:
+            release_lease(lease)
         raise JobSubmitError(f"creating {what} failed: HTTP {e.status}: {api_error_text(e)}{hint}") from e
-    log.info("created %s", what)
+    owners = [f"{r['kind']} {r['name']}" for r in obj["metadata"].get("ownerReferences", [])]
+    log.info("created %s%s", what, f" (owned by {', '.join(owners)})" if owners else "")
+    if lease is not None:
+        record_uid(lease, ((created or {}).get("metadata") or {}).get("uid", ""))
 
     follower = LogFollower(core, ns, bk.container, log_sink or print_line, rt)
     try:
@@ -129,6 +167,8 @@ def run_job(
         outcome = "never_started" if isinstance(e, JobTimeout) and e.reason == "StartTimeout" else "failed"
         if should_delete(cleanup, outcome):
             e.deleted = delete_job(custom, bk, ns, name, rt)
+        raise
+    except JobCancelled:
         raise
     except BaseException:  # interrupted, API unreachable, ...: honour "always" so no job is left behind
         if cleanup == "always":

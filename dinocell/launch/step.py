@@ -162,8 +162,9 @@ def train(
         # has no such fields: its JobSet restarts the whole job).
         **(RESILIENT_RUN_POLICY if backend == "pytorchjob" else {}),
     )
+    # run_dir: a lease there keeps a second live job (a resubmission with the same run name) off this run.
     result = run_job(spec, backend=backend, api_client=api_client, poll_s=poll_s, start_timeout_s=start_timeout_s,
-                     timeout_s=timeout_s or None)
+                     timeout_s=timeout_s or None, run_dir=output_uri)
     job = {"kind": result.kind, "name": result.name, "namespace": result.namespace, "state": result.state,
            "elapsed_s": round(result.elapsed_s, 1)}
     log.info("train: %s %s/%s %s after %.0f s", result.kind, result.namespace, result.name, result.state,

@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workdir", default="demo", help="local directory for the run (KFP outputs, report copy)")
     ap.add_argument("--batches", type=int, default=1)
     ap.add_argument("--plates", type=int, default=3, help="plates per batch")
-    ap.add_argument("--wells", type=int, default=4, help="wells per plate")
+    ap.add_argument("--wells", type=int, default=24,
+                    help="wells per plate (24: 4 DMSO negative controls + 10 perturbations x 2 replicates on 5 "
+                         "targets, the profiling layout)")
     ap.add_argument("--sites", type=int, default=2, help="sites per well")
     ap.add_argument("--size", type=int, default=192, help="field side in pixels (real JUMP: 1080)")
     ap.add_argument("--seed", type=int, default=0)
@@ -108,6 +110,11 @@ def main(argv: list[str] | None = None, pipeline_func: Callable | None = None) -
         models_dir, run_dir = workdir / "models" / args.model_name, workdir / "run"
         copy_prefix(storage.join(MODELS, args.model_name), models_dir)
         copy_prefix(outcome.layout.root, run_dir)
+        # The manifest and shards live outside the run (content-addressed, shared by runs): copy them in too.
+        if outcome.manifest_uri:
+            copy_prefix(outcome.manifest_uri.rsplit("/", 1)[0], run_dir)
+        if outcome.shards_uri:
+            copy_prefix(outcome.shards_uri.rsplit("/", 1)[0], run_dir / "shards")
     print()
     print(outcome.format())
     rel = os.path.relpath(models_dir)

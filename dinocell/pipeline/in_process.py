@@ -12,6 +12,7 @@ from dinocell.data.step import shard
 from dinocell.eval.step import evaluate
 from dinocell.jump.step import discover
 from dinocell.launch.step import train
+from dinocell.pipeline import data_keys
 from dinocell.pipeline.layout import RunLayout
 from dinocell.pipeline.outcome import PipelineOutcome, collect_outcome
 from dinocell.publish.step import publish
@@ -46,9 +47,14 @@ def run_all_steps(
     version = layout.model_version(model_version)
     common = {"endpoint_url": endpoint_url, "anonymous": anonymous}
     images_prefix = storage.join(source, "images") + "/"
-    d = discover(config, overrides, manifest_uri=layout.manifest, images_prefix=images_prefix, **common)
+    # The data go where the pipeline puts them: content-addressed under <outputs>/data/, shared by runs.
+    key = data_keys.discovery_key(config, overrides, images_prefix=images_prefix, **common)
+    d = discover(config, overrides, manifest_uri=data_keys.manifest_uri(outputs, key), images_prefix=images_prefix,
+                 **common)
     print(d.summary_text)
-    s = shard(config, overrides, manifest_uri=d.manifest_uri, shards_prefix=layout.shards, **common)
+    key = data_keys.shard_key(config, overrides, manifest_uri=d.manifest_uri, **common)
+    s = shard(config, overrides, manifest_uri=d.manifest_uri, shards_prefix=data_keys.shards_prefix(outputs, key),
+              **common)
     t = train(config, overrides, output_dir=layout.train_output_dir, shards_index_uri=s.index_uri,
                    manifest_uri=d.manifest_uri, config_uri=layout.train_config, backend=backend, **common,
                    **train_kwargs)

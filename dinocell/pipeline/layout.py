@@ -1,7 +1,9 @@
-"""Where one pipeline run writes: every URI under `<output_root>/<run id>/`, the same for KFP and in-process runs.
+"""Where one pipeline run writes: every per-run URI under `<output_root>/<run id>/`, the same for KFP and in-process
+runs. The field manifest and the shards are not per run: they live under `<output_root>/data/`, named by their
+inputs (dinocell.pipeline.data_keys), so that runs with the same inputs share them.
 
 Run id = the pipeline's `run_name` when given, so a rerun with the same name finds and resumes what an earlier
-attempt left (shards and training both resume); else the KFP job id (unique per run).
+attempt left (the training run resumes from `latest`); else the KFP job id (unique per run).
 """
 
 from __future__ import annotations
@@ -32,14 +34,6 @@ class RunLayout:
     @property
     def root(self) -> str:
         return storage.join(self.output_root, self.run_id)
-
-    @property
-    def manifest(self) -> str:
-        return storage.join(self.root, "manifest.parquet")
-
-    @property
-    def shards(self) -> str:
-        return storage.join(self.root, "shards")
 
     @property
     def train_config(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dinocell import storage
@@ -11,7 +11,7 @@ from dinocell.config.step_args import StepError
 from dinocell.eval.step import read_eval_outputs
 from dinocell.pipeline.layout import RunLayout
 
-__all__ = ["PipelineOutcome", "collect_outcome", "copy_prefix"]
+__all__ = ["PipelineOutcome", "collect_outcome", "copy_prefix", "run_data"]
 
 
 @dataclass
@@ -24,10 +24,17 @@ class PipelineOutcome:
     summary_md: str
     report_uri: str
     local_report: Path | None = None
+    manifest_uri: str = ""  # the content-addressed data the run trained on (from its resolved training config)
+    shards_uri: str = ""
+    cached_tasks: list[str] = field(default_factory=list)  # tasks answered from KFP's cache (kfp.local runs)
 
     def format(self) -> str:
         lines = [self.summary_md.rstrip(), "", f"published model: {self.model_uri}",
                  f"run outputs:     {self.layout.root}"]
+        if self.manifest_uri:
+            lines.append(f"data:            {self.manifest_uri}, {self.shards_uri or '(raw mode: no shards)'}")
+        if self.cached_tasks:
+            lines.append(f"from the cache:  {', '.join(self.cached_tasks)} (inputs unchanged since an earlier run)")
         if self.local_report is not None:
             lines.append(f"HTML report:     {self.local_report}")
         return "\n".join(lines)
@@ -57,4 +64,16 @@ def collect_outcome(layout: RunLayout, model_name: str, model_version: str, work
         if not local_report.is_file():
             raise StepError(f"copied {n} file(s) from {layout.eval} but no report.html among them")
     model_uri = storage.join(layout.models, model_name, model_version)
-    return PipelineOutcome(layout, model_uri, ev.scalars, ev.summary_md, ev.report_uri, local_report)
+    manifest_uri, shards_uri = run_data(layout)
+    return PipelineOutcome(layout, model_uri, ev.scalars, ev.summary_md, ev.report_uri, local_report, manifest_uri,
+                           shards_uri)
+
+
+def run_data(layout: RunLayout) -> tuple[str, str]:
+    """The manifest and shard index a run trained on, read from the training config it wrote ("" where absent)."""
+    import yaml
+
+    if not storage.exists(layout.train_config):
+        return "", ""
+    cfg = yaml.safe_load(storage.read_text(layout.train_config)) or {}
+    return str((cfg.get("data") or {}).get("manifest") or ""), str((cfg.get("loader") or {}).get("shards") or "")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["parse_arguments", "pipeline_parameters", "submit"]
+__all__ = ["check_starting_weights", "parse_arguments", "pipeline_parameters", "submit"]
 
 
 def pipeline_parameters(package: str | os.PathLike) -> dict[str, dict]:
@@ -68,6 +68,22 @@ def parse_arguments(items: Sequence[str], parameters: dict[str, dict]) -> dict[s
     return out
 
 
+def check_starting_weights(args: dict, params: dict) -> None:
+    """Refuse before anything runs on the cluster when the training config would start from random weights without
+    saying so (vits8_jump with an empty model.pretrained): otherwise discovery and sharding run first."""
+    from dinocell.config import load_config, resolve_config_path
+    from dinocell.config.step_args import parse_overrides
+    from dinocell.config.training import check_model_init
+
+    if "config" not in params:
+        return
+    config = args.get("config", params["config"].get("default"))
+    overrides = args.get("overrides", params.get("overrides", {}).get("default")) or []
+    if not config or str(config).startswith("s3://"):
+        return  # an s3:// config is read by the pods (credentials of the cluster); the train step checks it there
+    check_model_init(load_config(resolve_config_path(config), parse_overrides(overrides)).model)
+
+
 def submit(host: str, package: str | os.PathLike, arguments: Sequence[str] = (), experiment: str = "dinocell",
            run_name: str = "", namespace: str | None = None, client=None):
     """Submit a compiled pipeline to a KFP endpoint (kfp.Client.create_run_from_pipeline_package).
@@ -77,7 +93,9 @@ def submit(host: str, package: str | os.PathLike, arguments: Sequence[str] = (),
     path = Path(package)
     if not path.is_file():
         raise FileNotFoundError(f"pipeline package {path} not found: compile it first (python pipeline.py compile)")
-    args = parse_arguments(arguments, pipeline_parameters(path))
+    params = pipeline_parameters(path)
+    args = parse_arguments(arguments, params)
+    check_starting_weights(args, params)
     if client is None:
         import kfp
 
