@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # Order: cheapest first; each prints one or more JSON lines on stdout.
-BENCHES = ["bench_augment.py", "bench_s3.py", "bench_discovery.py", "bench_data.py", "bench_train_step.py"]
+BENCHES = ["bench_augment.py", "bench_s3.py", "bench_discovery.py", "bench_cache.py", "bench_data.py", "bench_train_step.py"]
 
 
 def main() -> int:

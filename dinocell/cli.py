@@ -63,7 +63,8 @@ def cmd_synth(args) -> int:
     report = synth_bucket(
         args.out, batches=args.batches, plates_per_batch=args.plates, wells_per_plate=args.wells,
         sites_per_well=args.sites, size=args.size, seed=args.seed, csv_form=args.csv_form,
-        with_illum=not args.no_illum, faults=faults,
+        with_illum=not args.no_illum, faults=faults, perturbations=args.perturbations, replicates=args.replicates,
+        negcon_wells=args.negcon_wells, poscon=args.poscon, targets=args.targets,
     )
     print(report.summary())
     log.info("synthesised %s in %.1fs", args.out, time.perf_counter() - t0)
@@ -115,7 +116,10 @@ def cmd_evaluate(args) -> int:
 
     out = evaluate(args.config or "", args.overrides, checkpoint_uri=args.checkpoint, out_uri=args.out,
                    manifest_uri=args.manifest or "", baseline=args.baseline, max_fields=args.max_fields,
-                   channels=args.channels or (), split=args.split or "val", size=args.size, device=args.device)
+                   channels=args.channels or (), split=args.split or "val", size=args.size, device=args.device,
+                   view_mode=args.view_mode, seed=args.eval_seed, profiling=not args.no_profiling,
+                   profile_fields=args.profile_fields, profile_normalisation=args.profile_normalisation,
+                   profile_null_size=args.profile_null_size)
     print(f"evaluation report: {out.report_uri}")
     return 0
 
@@ -173,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-corrupt", type=int, default=0, help="plant N corrupt TIFFs")
     p.add_argument("--fault-truncated", type=int, default=0, help="plant N truncated TIFFs")
     p.add_argument("--fault-stray", type=int, default=0, help="plant N stray files")
+    p.add_argument("--perturbations", type=int, default=None,
+                   help="planted perturbations (default: as many as the wells hold)")
+    p.add_argument("--replicates", type=int, default=2, help="wells per perturbation on each plate")
+    p.add_argument("--negcon-wells", type=int, default=None, help="DMSO wells per plate (default: ~1 in 6)")
+    p.add_argument("--poscon", type=int, default=0, help="positive-control perturbations (strong effects)")
+    p.add_argument("--targets", type=int, default=None, help="targets shared by the perturbations (default: half)")
     p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("discover", help="find fields (load_data CSVs or listing) and write the field manifest")
@@ -222,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="view size in pixels (default: the global crop size)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     p.add_argument("--split", default=None, help="manifest split to evaluate (default: val)")
+    p.add_argument("--view-mode", default="both", choices=["independent", "aligned", "both"],
+                   help="independent: a random crop/flip/turn per view (the headline); aligned: whole fields "
+                        "(layout-solvable)")
+    p.add_argument("--eval-seed", type=int, default=0, help="seed of the independent views and the mAP null")
+    p.add_argument("--no-profiling", action="store_true", help="skip the copairs mAP of well profiles")
+    p.add_argument("--profile-fields", type=int, default=None,
+                   help="profiling: whole held-out plates up to this many fields (default 2048, 0 = all)")
+    p.add_argument("--profile-normalisation", default="mad", choices=["mad", "spherize", "mad+spherize", "none"],
+                   help="per-plate normalisation against negative controls")
+    p.add_argument("--profile-null-size", type=int, default=10000, help="copairs null size for the p-values")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("publish", help="publish a checkpoint's teacher backbone as a versioned model")
@@ -246,8 +266,10 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from dinocell.config import ConfigError
     from dinocell.config.step_args import StepError
     from dinocell.storage import StorageError
+    from dinocell.train.checkpoint import CheckpointUnreadable
 
-    return (ConfigError, StepError, StorageError, FileNotFoundError, PermissionError, ValueError, KeyError)
+    return (ConfigError, StepError, StorageError, CheckpointUnreadable, FileNotFoundError, PermissionError,
+            ValueError, KeyError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,10 @@ import pytest
 from dinocell import storage
 from dinocell.storage.local_server import LOCAL_CREDENTIALS, create_bucket, local_s3_server
 
+# A developer's own WANDB_MODE would reach the tests' runs (it wins over train.wandb_mode): tests run without W&B
+# unless a test sets it.
+os.environ.setdefault("WANDB_MODE", "disabled")
+
 _bucket_ids = itertools.count()
 
 
