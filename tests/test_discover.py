@@ -567,8 +567,10 @@ def test_synth_bucket_both_modes_agree_on_s3(s3_bucket):
     # Same fields, same URIs, same splits (both split by plate with the same seed).
     csv_rows = {r.field_id: r for r in by_csv.manifest.records()}
     for r in listed.manifest.records():
-        assert r.uris == csv_rows[r.field_id].uris and r.split == csv_rows[r.field_id].split
-        assert r.illum == csv_rows[r.field_id].illum  # listing finds the layout's illum files
+        # (load_data mode also records the brightfield channels for the evaluation: data.eval_channels)
+        other = csv_rows[r.field_id]
+        assert r.uris == {c: other.uris[c] for c in r.uris} and r.split == other.split
+        assert r.illum == {c: other.illum[c] for c in r.illum}  # listing finds the layout's illum files
 
 
 def test_synth_local_url_form_file_urls_resolve(tmp_path):
@@ -592,3 +594,31 @@ def test_synth_local_url_form_file_urls_resolve(tmp_path):
         assert Path(r.uris["DNA"]).exists() and r.uris["DNA"].startswith(str(root / "images") + "/")
         assert r.uris["Brightfield"].endswith("-ch8sk1fk1fl1.tiff")  # CPJUMP1: Brightfield is ch8
     assert res.summary["illum_plates"] == {"none": 2}
+
+
+def test_brightfield_is_kept_for_evaluation_when_every_field_has_it(tmp_path, buckets):
+    """Discovery records the brightfield planes for the evaluation (data.eval_channels), not for training."""
+    from dinocell.channels import BRIGHTFIELD_CHANNELS, FLUORESCENT_CHANNELS
+    from dinocell.config import DataConfig
+    from dinocell.jump.discover import discover_fields
+
+    report = buckets.synth(tmp_path / "src", batches=1, plates_per_batch=1, wells_per_plate=2, sites_per_well=1,
+                           size=64)
+    result = discover_fields(DataConfig(images_prefix=storage.join(report.source_root, "images"), val_fraction=0.0))
+    assert result.manifest.channels == [*FLUORESCENT_CHANNELS, *BRIGHTFIELD_CHANNELS]
+    assert result.summary["eval_channels"] == {"kept": list(BRIGHTFIELD_CHANNELS), "dropped": {}}
+    assert result.summary["excluded_total"] == 0
+    none = discover_fields(DataConfig(images_prefix=storage.join(report.source_root, "images"), val_fraction=0.0,
+                                      eval_channels=[]))
+    assert none.manifest.channels == list(FLUORESCENT_CHANNELS)
+    # a field whose brightfield entry is empty: the field stays (training does not need it), the channel goes
+    csv = report.load_data_with_illum_uris[0]
+    text = storage.read_text(csv).splitlines()
+    col = text[0].split(",").index("URL_OrigBrightfield")
+    cells = text[1].split(",")
+    cells[col] = ""
+    text[1] = ",".join(cells)
+    storage.write_bytes(csv, ("\n".join(text) + "\n").encode())
+    partial = discover_fields(DataConfig(images_prefix=storage.join(report.source_root, "images"), val_fraction=0.0))
+    assert len(partial.manifest) == len(result.manifest) and partial.summary["excluded_total"] == 0
+    assert partial.summary["eval_channels"] == {"kept": ["HighZBF", "LowZBF"], "dropped": {"Brightfield": 1}}

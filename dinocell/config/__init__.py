@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from dinocell.channels import FLUORESCENT_CHANNELS
+from dinocell.channels import BRIGHTFIELD_CHANNELS, FLUORESCENT_CHANNELS
 from dinocell.config.augment import AugmentConfig
 from dinocell.config.errors import ConfigError
 from dinocell.config.training import LossConfig, ModelConfig, OptimConfig, TrainConfig
@@ -40,6 +40,9 @@ class DataConfig:
     batches: list[str] = field(default_factory=list)  # empty = all
     plates: list[str] = field(default_factory=list)  # empty = all
     channels: list[str] = field(default_factory=lambda: list(FLUORESCENT_CHANNELS))
+    # Channels discovery also records (load_data mode) when every field has them, for the evaluation only (the
+    # brightfield transfer rows); training and shards use data.channels. A CSV without them is not an error.
+    eval_channels: list[str] = field(default_factory=lambda: list(BRIGHTFIELD_CHANNELS))
     max_fields: int = 0  # 0 = no limit
     # Held-out plates for evaluation: explicit list, else this fraction of plates chosen deterministically.
     val_plates: list[str] = field(default_factory=list)

@@ -109,6 +109,9 @@ from dinocell.jump.plate_metadata import annotate_plate_maps
 from dinocell.jump.reroot import reroot_path
 from dinocell.jump.selection import dedupe, select_max_fields
 from dinocell.jump.summary import build_summary, format_summary
+from dinocell.log import get_logger
+
+log = get_logger(__name__)
 
 __all__ = [
     "LOAD_DATA_NAMES",
@@ -179,8 +182,10 @@ def discover_fields(
     if mode == "auto":
         mode = "listing"
 
+    optional: list[str] = []
     if mode == "load_data":
-        gathered = gather_load_data(cfg, channels, csvs)
+        optional = [c for c in dict.fromkeys(cfg.eval_channels) if c not in channels]
+        gathered = gather_load_data(cfg, channels, csvs, optional)
         gathered.summary_inputs["csv_skipped"] = skipped_csvs
     else:
         numbers = dict(channel_numbers or layout.CPJUMP1_CHANNEL_NUMBERS)
@@ -192,7 +197,7 @@ def discover_fields(
         if len({numbers[c] for c in channels}) != len(channels):
             raise DiscoveryError(f"listing mode: two requested channels share a chN number in {numbers}")
         gathered = gather_listing(cfg, channels, numbers)
-    return _finish(cfg, channels, mode, gathered)
+    return _finish(cfg, channels, mode, gathered, optional)
 
 
 def _has_source_root(images_prefix: str) -> bool:
@@ -203,7 +208,8 @@ def _has_source_root(images_prefix: str) -> bool:
         return False
 
 
-def _finish(cfg: DataConfig, channels: Sequence[str], mode: str, g: Gathered) -> DiscoveryResult:
+def _finish(cfg: DataConfig, channels: Sequence[str], mode: str, g: Gathered,
+            optional: Sequence[str] = ()) -> DiscoveryResult:
     table = g.table
     keys = FieldKeys.of(table)
     kept, dup_exclusions = dedupe(table, keys, g.sources, mode)
@@ -231,6 +237,17 @@ def _finish(cfg: DataConfig, channels: Sequence[str], mode: str, g: Gathered) ->
     plate_code = np.array([plate_names.index(p) for _, p in keys.plates], dtype=np.int64)
     split_code = np.array([0 if split_of.get(p) == "train" else 1 for _, p in keys.plates], dtype=np.int64)
 
+    # Evaluation-only channels stay when every kept field has them (a partly present channel would break its rows).
+    eval_channels = {"kept": [], "dropped": {}}
+    for c in optional:
+        missing = final.column(f"uri_{c}").null_count
+        if missing == 0 and final.num_rows:
+            eval_channels["kept"].append(c)
+        else:
+            eval_channels["dropped"][c] = int(missing)
+    if eval_channels["dropped"]:
+        log.info("discover: evaluation channels not kept (fields without them): %s", eval_channels["dropped"])
+    channels = [*channels, *eval_channels["kept"]]
     # Illumination: where the CSV gave none, the layout's files that exist (one listing per plate).
     illum, illum_status = fill_layout_illum(cfg, final, keys, group, channels)
     arrays = {
@@ -255,6 +272,7 @@ def _finish(cfg: DataConfig, channels: Sequence[str], mode: str, g: Gathered) ->
     summary = build_summary(
         cfg, channels, mode, g, manifest, per_plate, exclusions, not_selected, split_of, illum_status, plate_maps
     )
+    summary["eval_channels"] = eval_channels
     return DiscoveryResult(manifest, summary, exclusions)
 
 

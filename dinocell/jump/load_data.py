@@ -189,9 +189,13 @@ def _batch_column(t: pa.Table, uri: str, n: int, loc_batch, path_batch, default_
 
 
 def _process_csv(
-    t: pa.Table, header: Sequence[str], uri: str, src: int, cfg: DataConfig, channels: Sequence[str]
+    t: pa.Table, header: Sequence[str], uri: str, src: int, cfg: DataConfig, channels: Sequence[str],
+    optional: Sequence[str] = (),
 ) -> tuple[pa.Table, list[Exclusion], Counter, Counter]:
-    """One parsed load_data CSV -> candidate rows, exclusions, not-selected counts and rows per batch source."""
+    """One parsed load_data CSV -> candidate rows, exclusions, not-selected counts and rows per batch source.
+
+    `optional` channels (data.eval_channels) are recorded where the CSV has them and null elsewhere; they never
+    exclude a field (discovery keeps them only when every field has them)."""
     n = t.num_rows
     loc_batch, loc_barcode = csv_location(uri)
     reasons = _Reasons(n)
@@ -237,7 +241,15 @@ def _process_csv(
         reasons.add(why, full)
         uris[ch] = uri_arr
         path_batch = batch_arr if path_batch is None else pc.coalesce(path_batch, batch_arr)
-    for ch in channels:
+    for ch in optional:
+        parts = _channel_parts(t, "Orig", ch)
+        if parts is None:
+            uris[ch] = pa.nulls(n, pa.string())
+            continue
+        folder, name, _ = parts
+        uri_arr, why, empty, _ = resolve_paths(folder, name, cfg.images_prefix, cfg.reroot_urls)
+        uris[ch] = pc.if_else(pc.or_(empty, pc.is_valid(why)), pa.scalar(None, pa.string()), uri_arr)
+    for ch in [*channels, *optional]:
         parts = _channel_parts(t, "Illum", ch)
         if parts is None:
             illums[ch] = pa.nulls(n, pa.string())
@@ -278,9 +290,10 @@ def _process_csv(
         "src": pa.array(np.full(n, src, dtype=np.int32)),
         "row": row,
     }
-    cols.update({f"uri_{c}": uris[c] for c in channels})
-    cols.update({f"illum_{c}": illums[c] for c in channels})
-    table = pa.table(cols, schema=candidate_schema(channels)).filter(keep)
+    every = [*channels, *optional]
+    cols.update({f"uri_{c}": uris[c] for c in every})
+    cols.update({f"illum_{c}": illums[c] for c in every})
+    table = pa.table(cols, schema=candidate_schema(every)).filter(keep)
     # Sort here, in parallel and cache-friendly, so that the global (batch, plate, well, site) order is usually the
     # concatenation order already (CSV files sorted by <BATCH>/<BARCODE>) and the final reordering of millions of
     # URIs can be skipped. "row" breaks ties: the first of repeated rows stays first.
@@ -290,7 +303,8 @@ def _process_csv(
     return table, exclusions, not_selected, batch_from
 
 
-def gather_load_data(cfg: DataConfig, channels: Sequence[str], csvs: Sequence[str]) -> Gathered:
+def gather_load_data(cfg: DataConfig, channels: Sequence[str], csvs: Sequence[str],
+                     optional: Sequence[str] = ()) -> Gathered:
     not_selected = Counter()
     chosen: list[str] = []
     csv_not_selected: list[str] = []
@@ -309,7 +323,7 @@ def gather_load_data(cfg: DataConfig, channels: Sequence[str], csvs: Sequence[st
             missing = sorted(set(cfg.batches) - located)
             if missing:
                 raise DiscoveryError(f"no load_data CSV for the selected batches {missing} among {len(csvs)} CSVs")
-    wanted = _column_names(channels)
+    wanted = _column_names([*channels, *optional])
 
     # Fetches run on cfg.list_workers threads; parsing (CPU-bound, pyarrow releases the GIL) on at most one per core.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -321,7 +335,7 @@ def gather_load_data(cfg: DataConfig, channels: Sequence[str], csvs: Sequence[st
         with cpu_slots:
             t, header = _read_csv(uri, data, wanted)
             del data
-            table, excl, ns, batch_from = _process_csv(t, header, uri, src, cfg, channels)
+            table, excl, ns, batch_from = _process_csv(t, header, uri, src, cfg, channels, optional)
         return t.num_rows, table, excl, ns, batch_from
 
     with Progress("discover: load_data CSVs", total=len(chosen), unit="csv") as bar:
@@ -334,7 +348,7 @@ def gather_load_data(cfg: DataConfig, channels: Sequence[str], csvs: Sequence[st
         tables.append(table)
         exclusions.extend(excl)
         not_selected.update(ns)
-    schema = candidate_schema(channels)
+    schema = candidate_schema([*channels, *optional])
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     # rows read per source of their batch (see _batch_column)
     inputs = {"csv_files": list(chosen), "csv_not_selected": csv_not_selected, "batch_from": dict(batch_from)}

@@ -29,7 +29,7 @@ class PipelineOutcome:
     cached_tasks: list[str] = field(default_factory=list)  # tasks answered from KFP's cache (kfp.local runs)
 
     def format(self) -> str:
-        lines = [self.summary_md.rstrip(), "", f"published model: {self.model_uri}",
+        lines = [short_summary(self.summary_md), "", f"published model: {self.model_uri}",
                  f"run outputs:     {self.layout.root}"]
         if self.manifest_uri:
             lines.append(f"data:            {self.manifest_uri}, {self.shards_uri or '(raw mode: no shards)'}")
@@ -38,6 +38,22 @@ class PipelineOutcome:
         if self.local_report is not None:
             lines.append(f"HTML report:     {self.local_report}")
         return "\n".join(lines)
+
+
+def short_summary(summary_md: str) -> str:
+    """What a person reads at the end of a run: the evaluation's headline sentences and the profiling table (the
+    full tables are in summary.md / report.html)."""
+    out, in_code = [], False
+    for line in summary_md.splitlines():
+        if line.startswith("# ") or line.startswith("- "):
+            out.append(line)
+        elif line.startswith("## Profiling"):
+            out += ["", line]
+        elif line.strip() == "```":
+            in_code = not in_code
+        elif in_code or line.startswith("Profiling not scored"):
+            out.append(line)
+    return "\n".join(out).strip() or summary_md.rstrip()
 
 
 def copy_prefix(prefix: str, dest: Path) -> int:
