@@ -182,7 +182,8 @@ def run_inputs(tmp_path_factory):
     source = str(root / "source")
     synth.synth_bucket(source, batches=1, plates_per_batch=2, wells_per_plate=2, sites_per_well=2, size=FIELD_SIZE,
                        seed=0, with_illum=False, workers=2)
-    manifest = discover.discover_fields(DataConfig(images_prefix=storage.join(source, "images"), val_fraction=0.0)).manifest
+    manifest = discover.discover_fields(DataConfig(images_prefix=storage.join(source, "images"), val_fraction=0.0,
+                                                   eval_channels=[])).manifest
     out = str(root / "shards")
     index = write_shards(manifest, out, ShardConfig(output=out, target_bytes=4 * 5 * (FIELD_SIZE // 2) ** 2, workers=1),
                          PreprocessConfig())

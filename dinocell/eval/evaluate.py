@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from dinocell import storage
-from dinocell.channels import ALL_CHANNELS, is_fluorescent
+from dinocell.channels import is_fluorescent
 from dinocell.data.fields import FieldLoader
 from dinocell.eval.checkpoint_reader import BackboneInfo, load_backbone
 from dinocell.eval.models import EvalModel, baseline_model, embed_fields, reference_models
@@ -103,10 +103,8 @@ def select_fields(field_ids: list[str], max_fields: int) -> list[int]:
 
 
 def _default_channels(manifest: Manifest) -> list[str]:
-    """The manifest's channels: dinocell's own names first (fluorescent then brightfield, ALL_CHANNELS order),
-    then any other channel of the dataset (Actin, Phase, ...) in manifest order."""
-    return [c for c in ALL_CHANNELS if c in manifest.channels] + [c for c in manifest.channels
-                                                                   if c not in ALL_CHANNELS]
+    """Every channel of the manifest, in its order (discovery writes data.channels, then data.eval_channels)."""
+    return list(manifest.channels)
 
 
 def load_eval_fields(
