@@ -17,7 +17,7 @@ from dinocell.eval.evaluate import EvalFields, view_specs
 from dinocell.eval.models import embed_fields, reference_models
 from dinocell.eval.pixel_baseline import PixelBackbone
 from dinocell.eval.scoring import analyse_embeddings
-from dinocell.eval.view_sampling import ViewSpec, normalised_planes, sample_view_spec
+from dinocell.eval.view_sampling import ViewSpec, field_orientations, normalised_planes, sample_view_spec
 from dinocell.synth.cells import Phenotype, render_field
 
 torch.set_num_threads(1)
@@ -64,7 +64,8 @@ def test_pixel_baseline_is_solved_by_layout_only_when_views_are_aligned(scored):
         independent = scored.results["independent"][model]["cls"]["summary"]
         assert aligned["summary_views"] == ["DNA", "ER", "RNA", "AGP", "Mito"]  # channel pairs, no mean view
         assert aligned["top1"] > 0.9, aligned  # the leak: pooled pixels find the field from any channel
-        assert independent["top1"] < 3 * chance, independent  # measured: see the report
+        # measured 1.9x / 1.75x chance (dealt orientations; 3.7x on the demo when orientations were drawn per view)
+        assert independent["top1"] < 2.5 * chance, independent
         assert independent["mrr"] < 3 * independent["chance_mrr"], independent
         assert aligned["gap"] > independent["gap"] + 0.2
         # the mean view holds a fifth of each channel's pixels: aligned, it is the easiest match of all
@@ -93,7 +94,8 @@ def test_view_records_reproduce_the_views(cell_fields, scored):
         for view in ("mean", "DNA", "Brightfield"):
             record = scored.specs[i][view].to_dict()
             spec = ViewSpec.from_dict(record)
-            assert spec == sample_view_spec(0, cell_fields.field_ids[i], view, (SIZE, SIZE))  # the derivation
+            dealt = field_orientations(0, cell_fields.field_ids[i], list(scored.specs[i]))[view]
+            assert spec == sample_view_spec(0, cell_fields.field_ids[i], view, (SIZE, SIZE), orientation=dealt)
             x = spec.render(planes[view][0, 0], VIEW)
             want = model.forward_features(x[None, None])["x_norm_clstoken"][0]
             torch.testing.assert_close(embs[view]["cls"][i], want, atol=1e-5, rtol=1e-5)
@@ -115,6 +117,9 @@ def test_seed_changes_the_views_and_views_differ_per_channel(cell_fields):
     turns = [s.rot90 for sp in a for s in sp.values()]
     flips = [s.hflip for sp in a for s in sp.values()]
     assert set(turns) == {0, 1, 2, 3} and 0.3 < np.mean(flips) < 0.7
+    for sp in a:  # no two fluorescent views (nor the mean view) of a field share an orientation
+        fluo = [(s.hflip, s.rot90) for v, s in sp.items() if v in ("mean", "DNA", "ER", "RNA", "AGP", "Mito")]
+        assert len(set(fluo)) == len(fluo) == 6
     with pytest.raises(ValueError, match="view mode must be"):
         from dinocell.eval.view_sampling import parse_view_modes
 

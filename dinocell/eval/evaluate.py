@@ -42,6 +42,7 @@ from dinocell.eval.view_sampling import (
     DEFAULT_SCALE,
     DERIVATION,
     ViewSpec,
+    field_orientations,
     parse_view_modes,
     sample_view_spec,
 )
@@ -147,8 +148,11 @@ def load_eval_fields(
 def view_specs(fields: EvalFields, seed: int, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO) -> list[dict[str, ViewSpec]]:
     """Per field (evaluation order): {view: ViewSpec} for "mean" (with a fluorescent channel) and every channel."""
     views = ([MEAN_VIEW] if any(is_fluorescent(c) for c in fields.channels) else []) + list(fields.channels)
-    return [{v: sample_view_spec(seed, fid, v, tuple(img.shape[1:]), scale, ratio) for v in views}
-            for fid, img in zip(fields.field_ids, fields.images)]
+    out = []
+    for fid, img in zip(fields.field_ids, fields.images):
+        dealt = field_orientations(seed, fid, views)
+        out.append({v: sample_view_spec(seed, fid, v, tuple(img.shape[1:]), scale, ratio, dealt[v]) for v in views})
+    return out
 
 
 def _resolve_device(device) -> torch.device:
