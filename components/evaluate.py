@@ -1,6 +1,8 @@
 """KFP component: channel-consistency evaluation of the checkpoint (dinocell.eval.step.evaluate).
 
-Outputs: one KFP metric per scalar (Metrics), the HTML report with its images embedded (HTML), the summary table
+Independent views (`view_mode`, `eval_seed`) and the copairs profiling section (`profiling`, `profile_fields`,
+`profile_normalisation`) keep their step defaults unless the pipeline passes them.
+Outputs: one KFP metric per scalar (Metrics, including `profiling.<model>.activity_map` etc.), the HTML report with its images embedded (HTML), the summary table
 (Markdown), and the URI of metrics.json as the return value (for the publish step).
 """
 
@@ -25,6 +27,11 @@ def evaluate(
     metrics: Output[Metrics],
     report: Output[HTML],
     summary: Output[Markdown],
+    view_mode: str = "both",
+    eval_seed: int = 0,
+    profiling: bool = True,
+    profile_fields: int = 2048,
+    profile_normalisation: str = "mad",
 ) -> str:
     from dinocell.eval import step
     from dinocell.pipeline.layout import RunLayout
@@ -34,7 +41,8 @@ def evaluate(
     out = step.evaluate(
         config, overrides, checkpoint_uri=read_pointer(checkpoint.metadata, checkpoint.path, "checkpoint"),
         manifest_uri=read_pointer(manifest.metadata, manifest.path, "manifest"), out_uri=layout.eval,
-        baseline=baseline, endpoint_url=s3_endpoint, anonymous=s3_anonymous,
+        baseline=baseline, endpoint_url=s3_endpoint, anonymous=s3_anonymous, view_mode=view_mode, seed=eval_seed,
+        profiling=profiling, profile_fields=profile_fields, profile_normalisation=profile_normalisation,
     )
     for name, value in out.scalars.items():
         metrics.log_metric(name, value)
