@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dinocell.eval.view_sampling import normalised_planes
-from dinocell.monitor import consistency
+from dinocell.monitor import consistency, figures
 from dinocell.monitor.figures import attention_maps_image, pca_rgb_image
 
 __all__ = ["TILE_PX", "build_figures", "labelled_grid", "pca_scatter_image", "side_by_side_matrices"]
@@ -83,51 +83,9 @@ def _shared_scales(results: dict, key: str) -> dict[str, tuple[float, float]]:
 def pca_scatter_image(embs: dict, key: str, plates: list[str], batches: list[str], title: str) -> np.ndarray:
     """Embeddings of every view of every field on their first 2 PCs: coloured by channel, and by plate / batch when
     there are several."""
-    views = list(embs)
-    n = embs[views[0]][key].shape[0]
-    pts = _pca2(torch.cat([torch.as_tensor(embs[v][key]) for v in views]))
-    colourings = [("channel", [v for v in views for _ in range(n)])]
-    for name, values in (("plate", plates), ("batch", batches)):
-        if len(set(values)) > 1:
-            colourings.append((name, list(values) * len(views)))
-    fig, canvas = _canvas(5.2 * len(colourings), 4.8, dpi=90)
-    for k, (name, labels) in enumerate(colourings):
-        ax = fig.add_subplot(1, len(colourings), k + 1)
-        groups = list(dict.fromkeys(labels))
-        for g, colour in zip(groups, _palette(len(groups))):
-            idx = [i for i, lab in enumerate(labels) if lab == g]
-            ax.scatter(pts[idx, 0], pts[idx, 1], s=10, color=colour, label=g, alpha=0.75, linewidths=0)
-        if len(groups) <= 16:
-            ax.legend(fontsize=7, markerscale=1.5, loc="best")
-        else:
-            ax.text(0.01, 0.99, f"{len(groups)} {name}s (legend omitted)", transform=ax.transAxes, va="top",
-                    fontsize=8)
-        ax.set_title(f"coloured by {name}")
-        ax.set_xlabel("PC 1")
-        ax.set_ylabel("PC 2")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _rgb(fig, canvas)
-
-
-def _pca2(x: torch.Tensor) -> np.ndarray:
-    """First two principal components of the rows of x (signs fixed: largest loading positive)."""
-    x = x.double()
-    x = x - x.mean(dim=0, keepdim=True)
-    _, vecs = torch.linalg.eigh(x.T @ x)
-    vecs = vecs[:, -2:].flip(1)
-    signs = torch.sign(vecs.gather(0, vecs.abs().argmax(dim=0, keepdim=True)))
-    signs[signs == 0] = 1
-    return (x @ (vecs * signs)).numpy()
-
-
-def _palette(n: int) -> list:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-    if n <= 20:
-        return [cmap(i % cmap.N) for i in range(n)]
-    return [matplotlib.colormaps["hsv"](i / n) for i in range(n)]
+    groupings = {name: list(values) for name, values in (("plate", plates), ("batch", batches))
+                 if len(set(values)) > 1}
+    return figures.pca_scatter_image(embs, key, groupings, title)
 
 
 def labelled_grid(grid: np.ndarray, tile: int, row_labels: list[str], col_labels: list[str], title: str,
