@@ -30,6 +30,7 @@ of that iteration and raises Preempted (SystemExit 143); the restarted job resum
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import time
@@ -455,7 +456,15 @@ class Trainer:
         log.info("SIGTERM: checkpointed iteration %d, exiting for restart", self.iteration)
         raise Preempted(self.iteration, self.last_checkpoint)
 
-    def close(self) -> None:
+    def close(self, completed: bool = False) -> None:
+        """Close the logs and leave the process group; `completed`: every rank finished run() (a crash skips the
+        barrier: its peers may never reach it)."""
         self.logger.close()
         if self.env.initialized_here and dist.is_initialized():
+            if completed:
+                dist.barrier()  # no rank tears down its connections while a peer still talks to it
+            # The DDP reducers hold the group: destroyed at interpreter exit instead, gloo can abort the process
+            # ("terminate called without an active exception", seen once in CI on a passing 2-rank run).
+            self.meta.release_wrappers()
+            gc.collect()
             dist.destroy_process_group()

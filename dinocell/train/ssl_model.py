@@ -125,13 +125,7 @@ class SSLMetaArch(nn.Module):
         self.koleo_loss = KoLeoLoss()
 
         # What the step calls; replaced by DDP / compiled wrappers (plain dict: not registered as submodules).
-        self.calls: dict[str, nn.Module] = {
-            "student_backbone": MultiCropBackbone(self.student.backbone),
-            "teacher_backbone": MultiCropBackbone(self.teacher.backbone),
-            "dino_head": self.student.dino_head,
-        }
-        if model_cfg.ibot_separate_head:
-            self.calls["ibot_head"] = self.student.ibot_head
+        self.calls: dict[str, nn.Module] = self._plain_calls()
         self._check_teacher_matches()
 
     # ------------------------------------------------------------------------------------------ setup
@@ -165,6 +159,20 @@ class SSLMetaArch(nn.Module):
         report = load_dinov3_checkpoint(self.student.backbone, path_or_uri, strict=True, input_norm=input_norm)
         self.reset_teacher()
         return report
+
+    def _plain_calls(self) -> dict[str, nn.Module]:
+        calls: dict[str, nn.Module] = {
+            "student_backbone": MultiCropBackbone(self.student.backbone),
+            "teacher_backbone": MultiCropBackbone(self.teacher.backbone),
+            "dino_head": self.student.dino_head,
+        }
+        if "ibot_head" in self.student:
+            calls["ibot_head"] = self.student.ibot_head
+        return calls
+
+    def release_wrappers(self) -> None:
+        """Drop the DDP / compiled wrappers: a DDP reducer holds the process group, which must die before exit."""
+        self.calls = self._plain_calls()
 
     def wrap_ddp(self, device: torch.device) -> None:
         """Each student part in its own DistributedDataParallel (broadcasts rank 0's weights), then teacher <- student."""

@@ -36,7 +36,10 @@ def pretrain(cfg, on_iteration: Callable[[int, dict], None] | None = None) -> Pr
     process exits non-zero and the restarted job resumes from that checkpoint.
     """
     trainer = Trainer(cfg, on_iteration=on_iteration)
+    completed = False
     try:
-        return trainer.run()
+        result = trainer.run()
+        completed = True
+        return result
     finally:
-        trainer.close()
+        trainer.close(completed=completed)
