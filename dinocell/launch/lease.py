@@ -8,9 +8,13 @@ a lease asks the API server about the job it names:
 - otherwise (job gone, finished, replaced by another of the same name, or a lease whose launcher died before creating
   anything): stale, taken over (logged).
 The launcher releases its lease once its job has finished or been deleted; a lease left behind (launcher killed) is
-taken over by the next launcher as soon as its job is over. The check and the write are not atomic (object stores
-have no portable compare-and-swap): the lease is read back after writing, which closes all but a window of one
-round trip between two launchers started at the same moment.
+taken over by the next launcher as soon as its job is over.
+
+Every write is a compare-and-swap (dinocell.storage.conditional): a new lease is created only if none exists, a stale
+one is replaced only if it is still the one that was judged stale, the uid is added and the lease released only
+while it is still this launcher's. Of two launchers racing for one run directory exactly one wins; the other is
+refused with the winner's name. On an object store without conditional requests the launcher says so once and falls
+back to writing and reading back, which leaves a window of one round trip between two launchers started together.
 """
 
 from __future__ import annotations
@@ -20,13 +24,20 @@ import json
 import logging
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from dinocell import storage
 from dinocell.launch.backends import BACKEND_TABLE, Backend
 from dinocell.launch.cluster import api_error_text
 from dinocell.launch.results import JobSubmitError
 from dinocell.launch.status import job_state
+from dinocell.storage.conditional import (
+    ConditionalWritesUnsupported,
+    PreconditionFailed,
+    delete_if,
+    read_versioned,
+    write_if,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +60,7 @@ class Lease:
     holder: str  # the launcher: its pod name (POD_NAME) or host name
     created: str  # RFC 3339, UTC
     uid: str = ""  # the job's uid, once created
+    tag: str = field(default="", compare=False)  # the stored object's version (ETag / content hash); not written
 
     @property
     def uri(self) -> str:
@@ -68,22 +80,54 @@ def _now() -> str:
 
 
 def read_lease(run_dir: str) -> Lease | None:
-    """The lease of `run_dir`, None when there is none; an unreadable one is an error naming the file."""
+    """The lease of `run_dir` (with its stored version in `tag`), None when there is none; an unreadable one is an
+    error naming the file."""
     uri = lease_uri(run_dir)
-    if not storage.exists(uri):
+    got = read_versioned(uri)
+    if got is None:
         return None
-    text = storage.read_text(uri)
     try:
-        data = json.loads(text)
+        data = json.loads(got[0].decode("utf-8"))
         if data.pop("format", None) != LEASE_FORMAT:
             raise ValueError(f"'format' is not {LEASE_FORMAT!r}")
-        return Lease(**data)
+        data.pop("tag", None)
+        return Lease(**data, tag=got[1])
     except (ValueError, TypeError) as e:
         raise JobSubmitError(f"run dir lease {uri} is unreadable ({e}); delete it if no job writes {run_dir}") from None
 
 
+def _lease_bytes(lease: Lease) -> bytes:
+    data = {"format": LEASE_FORMAT, **asdict(lease)}
+    data.pop("tag")
+    return (json.dumps(data, indent=1) + "\n").encode("utf-8")
+
+
 def write_lease(lease: Lease) -> None:
-    storage.write_text(lease.uri, json.dumps({"format": LEASE_FORMAT, **asdict(lease)}, indent=1) + "\n")
+    """Write the lease unconditionally (tests and manual repair; launchers go through acquire_lease)."""
+    storage.write_bytes(lease.uri, _lease_bytes(lease))
+
+
+_warned_unsupported: set[str] = set()
+
+
+def _unsupported(lease: Lease, e: ConditionalWritesUnsupported) -> None:
+    if lease.run_dir not in _warned_unsupported:
+        _warned_unsupported.add(lease.run_dir)
+        log.warning("run dir %s: %s; the lease falls back to write-and-read-back (two launchers started within "
+                    "one round trip could both take it)", lease.run_dir, e)
+
+
+def _swap(lease: Lease, expect: str | None) -> None:
+    """Write `lease` if the stored one is still `expect` (None: absent); sets lease.tag; PreconditionFailed if not."""
+    try:
+        lease.tag = write_if(lease.uri, _lease_bytes(lease), expect)
+    except ConditionalWritesUnsupported as e:
+        _unsupported(lease, e)
+        write_lease(lease)
+        back = read_lease(lease.run_dir)
+        if back is None or (back.namespace, back.job, back.holder) != (lease.namespace, lease.job, lease.holder):
+            raise PreconditionFailed(f"write {lease.uri}: overwritten by another launcher") from None
+        lease.tag = back.tag
 
 
 def _holder() -> str:
@@ -128,27 +172,42 @@ def acquire_lease(custom, run_dir: str, bk: Backend, namespace: str, name: str, 
         log.info("run dir %s: taking over the stale lease of %s %s/%s (taken %s by %s; that job is gone or finished)",
                  run_dir, old.kind, old.namespace, old.job, old.created, old.holder)
     lease = Lease(run_dir, bk.name, bk.kind, namespace, name, _holder(), _now())
-    write_lease(lease)
-    back = read_lease(run_dir)
-    if back is None or (back.namespace, back.job) != (namespace, name):
-        other = f"{back.kind} {back.namespace}/{back.job}" if back else "someone (the lease vanished)"
-        raise RunDirLeased(f"run dir {run_dir}: lost the lease to {other}, which took it at the same time")
+    try:
+        _swap(lease, old.tag if old is not None else None)
+    except PreconditionFailed:
+        now = read_lease(run_dir)
+        other = (f"{now.kind} {now.namespace}/{now.job} (lease taken {now.created} by {now.holder})" if now
+                 else "another launcher (whose lease is already gone)")
+        raise RunDirLeased(f"run dir {run_dir}: lost the lease to {other}, which took it at the same time: "
+                           "train under another run name or retry once that job is over") from None
     return lease
 
 
 def record_uid(lease: Lease, uid: str) -> None:
     """Add the created job's uid to the lease (a later job of the same name is then not mistaken for it)."""
     if uid:
+        expect = lease.tag
         lease.uid = uid
-        write_lease(lease)
+        try:
+            _swap(lease, expect)
+        except PreconditionFailed:  # only a launcher that judged it stale can have replaced it: say so, go on
+            log.warning("run dir %s: the lease of %s %s/%s was replaced by another launcher while the job was "
+                        "being created", lease.run_dir, lease.kind, lease.namespace, lease.job)
 
 
 def release_lease(lease: Lease) -> None:
     """Delete the lease if it is still ours (never another launcher's)."""
     try:
-        current = read_lease(lease.run_dir)
-        if current is not None and (current.namespace, current.job) == (lease.namespace, lease.job):
+        try:
+            delete_if(lease.uri, lease.tag)
+        except ConditionalWritesUnsupported as e:
+            _unsupported(lease, e)
+            current = read_lease(lease.run_dir)
+            if current is None or (current.namespace, current.job) != (lease.namespace, lease.job):
+                raise PreconditionFailed(f"delete {lease.uri}: the lease is another launcher's now") from None
             storage.delete(lease.uri)
-            log.info("run dir %s: lease released", lease.run_dir)
+        log.info("run dir %s: lease released", lease.run_dir)
+    except PreconditionFailed:
+        log.info("run dir %s: the lease is no longer ours (another launcher took it over): left alone", lease.run_dir)
     except (storage.StorageError, JobSubmitError) as e:  # the job is over either way; the next launcher takes over
         log.warning("run dir %s: could not release the lease: %s", lease.run_dir, e)
