@@ -10,8 +10,9 @@ import torch
 
 from dinocell.channels import FLUORESCENT_CHANNELS
 from dinocell.config import config_from_dict
-from dinocell.eval.evaluate import run_evaluation
-from dinocell.eval.profiling import ProfilingOptions
+from dinocell.eval.evaluate import load_eval_fields, run_evaluation
+from dinocell.eval.models import reference_models
+from dinocell.eval.profiling import ProfilingOptions, run_profiling
 from dinocell.model.vit import build_vit
 
 torch.set_num_threads(1)
@@ -54,6 +55,7 @@ def test_every_model_gets_activity_and_consistency(profiled):
     sec = result.metrics["profiling"]
     assert "not_scored" not in sec, sec.get("not_scored")
     assert sec["n_fields"] == 24 and sec["n_skipped_fields"] == 0 and len(sec["plates"]) == 1
+    assert sec["n_reused_fields"] == 16  # the consistency set's 16 fields are not fetched a second time
     assert set(sec["models"]) == set(MODELS)
     for mid in MODELS:
         act = sec["models"][mid]["activity"]
@@ -63,6 +65,21 @@ def test_every_model_gets_activity_and_consistency(profiled):
         assert "mean_map" in act["same_position_included"]
         con = sec["models"][mid]["consistency"]
         assert con["n_targets"] >= 1 and 0.0 <= con["mean_map"] <= 1.0
+
+
+def test_reused_fields_score_exactly_like_fresh_loads(profiled):
+    """Profiling slices the fields the consistency set already loaded; the numbers equal a load from scratch."""
+    result, out, _ = profiled
+    tmp = out.parent
+    cfg = _cfg(tmp)
+    fields = load_eval_fields(str(tmp / "manifest.parquet"), cfg, max_fields=16)
+    models = {m.id: (m.module, m.norm_mean, m.norm_std) for m in reference_models((0.449, 0.226), "cpu")}
+    opts = ProfilingOptions(null_size=1000, seed=0)
+    args = (models, str(tmp / "manifest.parquet"), cfg, fields.channels, "val", 32, "cpu", 16, opts)
+    fresh = run_profiling(*args)
+    reused = run_profiling(*args, loaded=dict(zip(fields.field_ids, fields.images)), loaded_channels=fields.channels)
+    assert fresh["n_reused_fields"] == 0 and reused["n_reused_fields"] == 16
+    assert reused["models"] == fresh["models"] and reused["n_fields"] == fresh["n_fields"] == 24
 
 
 def test_profiling_numbers_reach_scalars_summary_and_report(profiled):

@@ -288,7 +288,9 @@ def run_evaluation(
     _check_finite(metrics["table"])
     metrics["comparison"] = comparison_rows(metrics["table"])
     metrics["profiling"] = run_profiling({m.id: (m.module, m.norm_mean, m.norm_std) for m in entries}, manifest_uri,
-                                         cfg, fields.channels, split, size, device, batch_size, profiling)
+                                         cfg, fields.channels, split, size, device, batch_size, profiling,
+                                         loaded=dict(zip(fields.field_ids, fields.images)),
+                                         loaded_channels=fields.channels)
 
     figures = (report.build_figures(entries, embeddings, results, fields, specs, size, device, n_vis)
                if visuals else {})

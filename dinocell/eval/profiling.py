@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from dinocell.channels import is_fluorescent
 from dinocell.data.fields import FieldLoader
 from dinocell.eval.map_scores import profile_scores
@@ -44,9 +46,32 @@ def _feature_channels(channels: list[str]) -> list[str]:
     return fluo or list(channels)  # a dataset without JUMP fluorescent names: every channel
 
 
+def _load_profile_fields(picked: list, cfg, feature_channels: list[str], loaded: dict[str, np.ndarray] | None,
+                         loaded_channels: list[str] | None):
+    """Images of `picked` (in order; failed ones left out) and the load errors. Fields the evaluation already loaded
+    (`loaded`: field id -> uint8 [C, H, W] in `loaded_channels`) are sliced to the feature channels, not fetched again:
+    preprocessing is per channel, so the slice equals a fresh load."""
+    idx = None
+    if loaded and loaded_channels and all(c in loaded_channels for c in feature_channels):
+        idx = [loaded_channels.index(c) for c in feature_channels]
+    reuse = {r.field_id for r in picked if idx is not None and r.field_id in loaded}
+    loader = FieldLoader(cfg.preprocess, feature_channels, fetch_workers=max(1, int(cfg.loader.fetch_workers)))
+    to_load = [r for r in picked if r.field_id not in reuse]
+    with Progress("evaluate: loading profiling fields", total=len(to_load), unit="field") as bar:
+        fresh, errors = loader.load_many(to_load, on_error="skip", on_field=bar.update)
+    got = {f.field_id: f.image for f in fresh}
+    got.update({fid: np.ascontiguousarray(loaded[fid][idx]) for fid in reuse})
+    ids = [r.field_id for r in picked if r.field_id in got]
+    return ids, [got[fid] for fid in ids], errors, len(reuse)
+
+
 def run_profiling(models: dict, manifest_uri: str, cfg, channels: list[str], split: str, size: int, device,
-                  batch_size: int, opts: ProfilingOptions | None = None) -> dict:
-    """models: name -> (backbone, norm_mean, norm_std). Returns the JSON-ready profiling section of metrics.json."""
+                  batch_size: int, opts: ProfilingOptions | None = None, loaded: dict[str, np.ndarray] | None = None,
+                  loaded_channels: list[str] | None = None) -> dict:
+    """models: name -> (backbone, norm_mean, norm_std). Returns the JSON-ready profiling section of metrics.json.
+
+    loaded / loaded_channels: fields the evaluation already holds (field id -> uint8 [C, H, W]), reused instead of
+    fetched a second time."""
     opts = opts or ProfilingOptions()
     if not opts.enabled:
         return {"split": split, "not_scored": "profiling was turned off for this evaluation"}
@@ -64,27 +89,25 @@ def run_profiling(models: dict, manifest_uri: str, cfg, channels: list[str], spl
         return {**base, "not_scored": reason}
     picked, plates = select_plates(records, opts.max_fields)
     feature_channels = _feature_channels(channels)
-    loader = FieldLoader(cfg.preprocess, feature_channels, fetch_workers=max(1, int(cfg.loader.fetch_workers)))
     t0 = time.perf_counter()
-    with Progress("evaluate: loading profiling fields", total=len(picked), unit="field") as bar:
-        loaded, errors = loader.load_many(picked, on_error="skip", on_field=bar.update)
+    ids, images, errors, n_reused = _load_profile_fields(picked, cfg, feature_channels, loaded, loaded_channels)
     for fid, reason in errors:
         log.warning("profiling: skipped field %s: %s", fid, reason)
     by_id = {r.field_id: r for r in picked}
-    meta = profile_meta([f.field_id for f in loaded], by_id)
-    images = [f.image for f in loaded]
+    meta = profile_meta(ids, by_id)
     negcon_wells = meta[meta["control_type"] == "negcon"].groupby(["batch", "plate"])["well"].nunique()
     if not (negcon_wells >= 2).any():
         reason = (f"no chosen plate has the 2 negative-control wells per-plate normalisation needs "
                   f"({', '.join(f'{p}: {int(n)}' for (_, p), n in negcon_wells.items()) or 'none loaded'})")
         log.warning("profiling not scored: %s", reason)
-        return {**base, "plates": plates, "n_fields": len(loaded), "not_scored": reason}
-    log.info("profiling: %d fields of %d plates loaded in %.1fs (%d skipped)", len(loaded), len(plates),
-             time.perf_counter() - t0, len(errors))
+        return {**base, "plates": plates, "n_fields": len(images), "not_scored": reason}
+    log.info("profiling: %d fields of %d plates in %.1fs (%d reused from the consistency set, %d skipped)",
+             len(images), len(plates), time.perf_counter() - t0, n_reused, len(errors))
     out = {
         **base,
         "plates": plates,
-        "n_fields": len(loaded),
+        "n_fields": len(images),
+        "n_reused_fields": n_reused,  # already loaded for the channel-consistency set, not fetched again
         "n_skipped_fields": len(errors),
         "skipped_fields": [{"field_id": f, "reason": r} for f, r in errors],
         "feature_channels": feature_channels,
