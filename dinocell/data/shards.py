@@ -25,6 +25,7 @@ consistent shard set.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -55,8 +56,10 @@ from dinocell.data.shard_plan import (
 from dinocell.data.shard_tar import finish_tar, write_tar_member
 from dinocell.jump.manifest import Manifest
 from dinocell.progress import Progress
+from dinocell.storage.multipart import abort_incomplete_uploads
 
 log = logging.getLogger(__name__)
+STALE_UPLOAD_S = 6 * 3600  # an incomplete shard upload this old belongs to a killed writer
 
 __all__ = [
     "INDEX_NAME",
@@ -212,10 +215,13 @@ def write_shards(
 
 
 def _clean_stale_temps(out_prefix: str) -> int:
-    """Temp files of killed shard writers: tars in the temp dir, and (local output) the storage layer's hidden
-    siblings of interrupted atomic writes in the output directory."""
+    """Temp files of killed shard writers: tars in the temp dir; for a local output the storage layer's hidden
+    siblings of interrupted atomic writes in the output directory; on S3 the incomplete multipart uploads under the
+    prefix older than STALE_UPLOAD_S (a shard step with the same inputs may be writing there right now)."""
     n = clean_stale_temps(r"shard-\d{6}")
-    if not storage.is_s3(out_prefix):
+    if storage.is_s3(out_prefix):
+        n += abort_incomplete_uploads(out_prefix, dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=STALE_UPLOAD_S))
+    else:
         n += clean_stale_temps(
             r"shard-\d{6}", str(storage.local_path(out_prefix)),
             dot_pattern=r"^\.(?:shard-\d{6}\.(?:tar|json)|index\.json)\..+\.tmp$",

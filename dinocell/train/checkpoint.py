@@ -32,6 +32,7 @@ Only rank 0 writes; other ranks get the would-be URI back so every rank can log 
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import hashlib
 import io
 import json
@@ -51,6 +52,7 @@ from dinocell import storage
 from dinocell.data.fields import storage_error_kind
 from dinocell.data.shard_format import clean_stale_temps, temp_prefix
 from dinocell.log import get_logger
+from dinocell.storage.multipart import abort_incomplete_uploads
 
 __all__ = [
     "CheckpointError",
@@ -141,6 +143,8 @@ class CheckpointManager:
         self.rank = rank
         self.upload_threshold_bytes = upload_threshold_bytes
         self.cleaned_temps: int | None = None  # stale temp files removed before this manager's first save
+        # S3 multipart uploads under the root started before this manager are killed saves (one writer per run dir)
+        self._created = dt.datetime.now(dt.timezone.utc)
 
     # ------------------------------------------------------------------ names
     def uri_for(self, iteration: int) -> str:
@@ -220,10 +224,13 @@ class CheckpointManager:
             storage.write_bytes(uri, data)
 
     def _clean_stale_temps(self) -> int:
-        """Temp files of killed saves: multipart staging files in the temp dir (owner pid in the name) and, for a
-        local root, the storage layer's hidden siblings of interrupted atomic writes (by age). Counted, logged."""
+        """Temp files of killed saves: multipart staging files in the temp dir (owner pid in the name); for a local
+        root, the storage layer's hidden siblings of interrupted atomic writes (by age); on S3, the incomplete
+        multipart uploads of killed saves (their parts are billed until aborted). Counted, logged."""
         n = clean_stale_temps("ckpt")
-        if not storage.is_s3(self.root):
+        if storage.is_s3(self.root):
+            n += abort_incomplete_uploads(self.root, self._created)
+        else:
             n += clean_stale_temps("ckpt", str(storage.local_path(self.root)), dot_pattern=_DOT_TMP_RE)
         return n
 
