@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # Where the CPU torch comes from when no local wheel satisfies TORCH_VERSION (pip's find-links): PyTorch's CPU index,
 # so a laptop does not download GBs of CUDA wheels for the demo. TORCH_INDEX= (empty) uses pip's default index.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-EXTRAS ?= s3,wandb,pipeline,dev
+EXTRAS ?= s3,wandb,pipeline,cellprofiler,dev
 
 .PHONY: install test demo bench lint compile clean
 

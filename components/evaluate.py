@@ -1,7 +1,7 @@
 """KFP component: channel-consistency evaluation of the checkpoint (dinocell.eval.step.evaluate).
 
 Independent views (`view_mode`, `eval_seed`) and the copairs profiling section (`profiling`, `profile_fields`,
-`profile_normalisation`) keep their step defaults unless the pipeline passes them.
+`profile_normalisation`, `cellprofiler`) keep their step defaults unless the pipeline passes them.
 Outputs: one KFP metric per scalar (Metrics, including `profiling.<model>.activity_map` etc.), the HTML report with its images embedded (HTML), the summary table
 (Markdown), and the URI of metrics.json as the return value (for the publish step).
 """
@@ -32,6 +32,7 @@ def evaluate(
     profiling: bool = True,
     profile_fields: int = 2048,
     profile_normalisation: str = "mad",
+    cellprofiler: bool = True,
 ) -> str:
     from dinocell.eval import step
     from dinocell.pipeline.layout import RunLayout
@@ -43,6 +44,7 @@ def evaluate(
         manifest_uri=read_pointer(manifest.metadata, manifest.path, "manifest"), out_uri=layout.eval,
         baseline=baseline, endpoint_url=s3_endpoint, anonymous=s3_anonymous, view_mode=view_mode, seed=eval_seed,
         profiling=profiling, profile_fields=profile_fields, profile_normalisation=profile_normalisation,
+        cellprofiler=cellprofiler,
     )
     for name, value in out.scalars.items():
         metrics.log_metric(name, value)

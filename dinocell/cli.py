@@ -119,7 +119,7 @@ def cmd_evaluate(args) -> int:
                    channels=args.channels or (), split=args.split or "val", size=args.size, device=args.device,
                    view_mode=args.view_mode, seed=args.eval_seed, profiling=not args.no_profiling,
                    profile_fields=args.profile_fields, profile_normalisation=args.profile_normalisation,
-                   profile_null_size=args.profile_null_size)
+                   profile_null_size=args.profile_null_size, cellprofiler=not args.no_cellprofiler)
     print(f"evaluation report: {out.report_uri}")
     return 0
 
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-normalisation", default="mad", choices=["mad", "spherize", "mad+spherize", "none"],
                    help="per-plate normalisation against negative controls")
     p.add_argument("--profile-null-size", type=int, default=10000, help="copairs null size for the p-values")
+    p.add_argument("--no-cellprofiler", action="store_true",
+                   help="profiling without the CellProfiler-features row (cp_measure; ~0.3 s per 256 px field)")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("publish", help="publish a checkpoint's teacher backbone as a versioned model")

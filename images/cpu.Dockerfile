@@ -21,7 +21,7 @@ COPY pyproject.toml README.md ./
 COPY dinocell ./dinocell
 # torch is pinned above; the constraint keeps the dependency resolver from swapping it for another build.
 RUN echo "torch==${TORCH_VERSION}" > /tmp/torch-constraint.txt \
-    && pip install --no-cache-dir -c /tmp/torch-constraint.txt ".[s3,pipeline]" \
+    && pip install --no-cache-dir -c /tmp/torch-constraint.txt ".[s3,pipeline,cellprofiler]" \
     && python -c "import dinocell, kfp, torch; print('dinocell', dinocell.__version__, 'kfp', kfp.__version__, 'torch', torch.__version__)"
 
 # Run as a non-root user. The KFP launcher copies artifacts to /s3, /minio and /gcs inside the container: create them

@@ -17,7 +17,7 @@ from dinocell.model.vit import build_vit
 
 torch.set_num_threads(1)
 
-MODELS = ("checkpoint", "initial_weights", "pixels_8x8", "pixels_16x16", "positions_only")
+MODELS = ("checkpoint", "initial_weights", "pixels_8x8", "pixels_16x16", "positions_only", "cellprofiler")
 
 
 def _cfg(tmp_path):
@@ -94,8 +94,14 @@ def test_profiling_numbers_reach_scalars_summary_and_report(profiled):
                       for m in ("pixels_8x8", "pixels_16x16"))
     assert scalars["profiling.delta_vs_pixels.activity_map"] == pytest.approx(ck - best_pixels)
     assert "profiling.delta_vs_init.activity_map" in scalars
+    cp = result.metrics["profiling"]["models"]["cellprofiler"]["activity"]["mean_map"]
+    assert scalars["profiling.delta_vs_cellprofiler.activity_map"] == pytest.approx(ck - cp)
+    measured = result.metrics["profiling"]["cellprofiler"]
+    assert measured["n_fields"] + measured["n_without_nuclei"] == 24 and measured["n_measurements"] > 100
+    assert result.metrics["models"]["cellprofiler"]["learned"] is False
     html = (out / "report.html").read_text()
     assert "Profiling (copairs mAP)" in html and "pixels 8x8" in html and "best pixel baseline" in html
+    assert "CellProfiler (cp_measure)" in html and "CellProfiler (cp_measure)" in result.table
     assert "copairs mAP of well profiles" in result.table
     assert "## Profiling (copairs mAP)" in (out / "summary.md").read_text()
     on_disk = json.loads((out / "metrics.json").read_text())

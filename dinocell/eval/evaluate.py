@@ -35,7 +35,7 @@ from dinocell.channels import is_fluorescent
 from dinocell.data.fields import FieldLoader
 from dinocell.eval.checkpoint_reader import BackboneInfo, load_backbone
 from dinocell.eval.models import EvalModel, baseline_model, embed_fields, reference_models
-from dinocell.eval.profiling import ProfilingOptions, run_profiling
+from dinocell.eval.profiling import CELLPROFILER_ID, CELLPROFILER_MODEL, ProfilingOptions, run_profiling
 from dinocell.eval.scoring import EMBEDDING_KEYS, analyse_embeddings, comparison_rows, table_rows
 from dinocell.eval.view_sampling import (
     DEFAULT_RATIO,
@@ -291,6 +291,8 @@ def run_evaluation(
                                          cfg, fields.channels, split, size, device, batch_size, profiling,
                                          loaded=dict(zip(fields.field_ids, fields.images)),
                                          loaded_channels=fields.channels)
+    if CELLPROFILER_ID in metrics["profiling"].get("models", {}):
+        metrics["models"][CELLPROFILER_ID] = dict(CELLPROFILER_MODEL)
 
     figures = (report.build_figures(entries, embeddings, results, fields, specs, size, device, n_vis)
                if visuals else {})

@@ -17,6 +17,7 @@ import numpy as np
 
 from dinocell.channels import is_fluorescent
 from dinocell.data.fields import FieldLoader
+from dinocell.eval.cellprofiler import CellProfilerUnavailable, cellprofiler_features
 from dinocell.eval.map_scores import profile_scores
 from dinocell.eval.profile_features import DEFAULT_MAX_TILES, field_features, profile_meta, select_plates
 from dinocell.jump.manifest import Manifest
@@ -28,6 +29,10 @@ __all__ = ["DEFAULT_PROFILE_FIELDS", "ProfilingOptions", "headline", "run_profil
 log = get_logger(__name__)
 
 DEFAULT_PROFILE_FIELDS = 2048
+CELLPROFILER_ID = "cellprofiler"
+CELLPROFILER_MODEL = {"label": "CellProfiler (cp_measure)", "learned": False,
+                      "description": "CellProfiler measurements of segmented nuclei and cells (cp_measure), median per "
+                                     "field: the classical anchor (profiling only)"}
 
 
 @dataclass
@@ -39,6 +44,7 @@ class ProfilingOptions:
     seed: int = 0
     threshold: float = 0.05
     max_tiles: int = DEFAULT_MAX_TILES
+    cellprofiler: bool = True  # the classical anchor: CellProfiler features via cp_measure, when installed
 
 
 def _feature_channels(channels: list[str]) -> list[str]:
@@ -124,7 +130,35 @@ def run_profiling(models: dict, manifest_uri: str, cfg, channels: list[str], spl
                                              seed=opts.seed, threshold=opts.threshold)
         log.info("profiling %s: activity mAP %.3f, retrieved %.2f (%.1fs)", name, _get(out, name, "activity",
                  "mean_map"), _get(out, name, "activity", "fraction_retrieved"), time.perf_counter() - t0)
+    if opts.cellprofiler:
+        out["cellprofiler"] = _score_cellprofiler(out, images, feature_channels, meta, opts)
     return out
+
+
+def _score_cellprofiler(out: dict, images: list, channels: list[str], meta, opts: ProfilingOptions) -> dict:
+    """Adds the "cellprofiler" model to out["models"]; returns what was measured (or why it was not scored)."""
+    t0 = time.perf_counter()
+    try:
+        with Progress("evaluate: CellProfiler features", total=len(images), unit="field") as bar:
+            cp = cellprofiler_features(images, channels, on_field=bar.update)
+    except CellProfilerUnavailable as e:
+        log.warning("profiling: no CellProfiler row: %s", e)
+        return {"not_scored": str(e)}
+    info = {"n_fields": len(cp["kept"]), "n_without_nuclei": cp["n_without_nuclei"],
+            "n_measurements": len(cp["names"]), "n_dropped_measurements": cp["n_dropped_measurements"],
+            "segmentation_channel": cp["segmentation_channel"], "measurements": cp["names"]}
+    if cp["n_without_nuclei"]:
+        log.warning("profiling: %d of %d fields have no nuclei in %s: left out of the CellProfiler profiles",
+                    cp["n_without_nuclei"], len(images), cp["segmentation_channel"])
+    if not cp["kept"] or not cp["names"]:
+        return {**info, "not_scored": "no field had nuclei" if not cp["kept"] else "no finite measurement"}
+    kept_meta = meta.iloc[cp["kept"]].reset_index(drop=True)
+    out["models"][CELLPROFILER_ID] = profile_scores(cp["features"], kept_meta, opts.normalisation,
+                                                    null_size=opts.null_size, seed=opts.seed, threshold=opts.threshold)
+    log.info("profiling CellProfiler (%d measurements): activity mAP %.3f, retrieved %.2f (%.1fs)", len(cp["names"]),
+             _get(out, CELLPROFILER_ID, "activity", "mean_map"),
+             _get(out, CELLPROFILER_ID, "activity", "fraction_retrieved"), time.perf_counter() - t0)
+    return info
 
 
 def _get(section: dict, model: str, part: str, key: str) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 
-from dinocell.eval.profiling import headline
+from dinocell.eval.profiling import CELLPROFILER_ID, headline
 
 __all__ = ["profiling_html", "profiling_markdown", "profiling_scalars", "profiling_table"]
 
@@ -49,17 +49,19 @@ def _deltas(rows: list[dict], models: dict) -> dict[str, dict[str, float | None]
     """Checkpoint minus the best pixel baseline / minus the initial weights, per metric."""
     by_id = {r["model"]: r for r in rows}
     ck = by_id.get("checkpoint")
-    out: dict[str, dict[str, float | None]] = {"delta_vs_pixels": {}, "delta_vs_init": {}}
+    out: dict[str, dict[str, float | None]] = {"delta_vs_pixels": {}, "delta_vs_init": {}, "delta_vs_cellprofiler": {}}
     if ck is None:
         return out
     pixels = [r for mid, r in by_id.items() if mid.startswith("pixels_")]
     init = next((by_id[m] for m in _INIT_IDS if m in by_id), None)
+    cp = by_id.get(CELLPROFILER_ID)
     for m in _DELTA_METRICS:
         if ck.get(m) is None:
             continue
         best = [r[m] for r in pixels if r.get(m) is not None]
         out["delta_vs_pixels"][m] = ck[m] - max(best) if best else None
-        out["delta_vs_init"][m] = ck[m] - init[m] if init is not None and init.get(m) is not None else None
+        for kind, other in (("delta_vs_init", init), ("delta_vs_cellprofiler", cp)):
+            out[kind][m] = ck[m] - other[m] if other is not None and other.get(m) is not None else None
     return out
 
 
@@ -104,7 +106,8 @@ def profiling_table(metrics: dict) -> str:
     deltas = _deltas(rows, metrics.get("models", {}))
     head = ["model", *(t for _, t in METRICS)]
     cells = [head] + [[_label(metrics, r["model"]), *(_fmt(r.get(m)) for m, _ in METRICS)] for r in rows]
-    for kind, title in (("delta_vs_pixels", "checkpoint - best pixels"), ("delta_vs_init", "checkpoint - init")):
+    for kind, title in (("delta_vs_pixels", "checkpoint - best pixels"), ("delta_vs_init", "checkpoint - init"),
+                        ("delta_vs_cellprofiler", "checkpoint - CellProfiler")):
         if any(v is not None for v in deltas[kind].values()):
             cells.append([title, *(_fmt(deltas[kind].get(m)) if m in _DELTA_METRICS else "" for m, _ in METRICS)])
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
@@ -144,6 +147,12 @@ def _skips(metrics: dict) -> list[str]:
         skipped = {k: v for k, v in (m.get(part, {}).get("skipped") or {}).items() if v}
         if skipped:
             out.append(f"Not scored in {part}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in skipped.items()))
+    cp = sec.get("cellprofiler") or {}
+    if cp.get("not_scored"):
+        out.append(f"No CellProfiler row: {cp['not_scored']}.")
+    elif cp.get("n_without_nuclei"):
+        out.append(f"CellProfiler: {cp['n_without_nuclei']} fields without nuclei in {cp['segmentation_channel']} "
+                   "were left out of its profiles.")
     return out
 
 
@@ -161,7 +170,8 @@ def profiling_html(metrics: dict) -> list[str]:
         tds = "".join(f"<td class=num>{_fmt(r.get(m))}</td>" for m, _ in METRICS)
         body.append(f"<tr{cls}><td>{html.escape(_label(metrics, r['model']))}</td>{tds}</tr>")
     for kind, title in (("delta_vs_pixels", "Δ checkpoint − best pixel baseline"),
-                        ("delta_vs_init", "Δ checkpoint − initial weights")):
+                        ("delta_vs_init", "Δ checkpoint − initial weights"),
+                        ("delta_vs_cellprofiler", "Δ checkpoint − CellProfiler")):
         if any(v is not None for v in deltas[kind].values()):
             tds = "".join(f"<td class=num>{_fmt(deltas[kind].get(m)) if m in _DELTA_METRICS else ''}</td>"
                           for m, _ in METRICS)

@@ -102,13 +102,15 @@ def evaluate(
     profile_fields: int | None = None,
     profile_normalisation: str = "mad",
     profile_null_size: int = 10000,
+    cellprofiler: bool = True,
 ) -> EvalOutcome:
     """Channel-consistency evaluation of the checkpoint (and the baseline: "init", "none" or a checkpoint URI) on
     the manifest's `split` (default: the config's `data.manifest`, split "val"). `max_fields` None: 256.
     view_mode: "independent" (a random crop, flip and turn per view, seeded by `seed`), "aligned" (whole fields:
     layout-solvable) or "both"; the pixel baselines are scored next to the checkpoint either way.
     profiling: also the copairs mAP of well profiles on whole held-out plates (`profile_fields` fields at most,
-    None: 2048), normalised per plate ("mad", "spherize", "mad+spherize", "none") against the negative controls.
+    None: 2048), normalised per plate ("mad", "spherize", "mad+spherize", "none") against the negative controls;
+    cellprofiler: with a CellProfiler-features row (cp_measure, the classical anchor) when it is installed.
     """
     from dinocell.eval.evaluate import DEFAULT_MAX_FIELDS, run_evaluation
     from dinocell.eval.profiles import METHODS
@@ -130,7 +132,8 @@ def evaluate(
         raise StepError(f"evaluate: profile null size must be >= 100 (p-values need a null), got {profile_null_size}")
     opts = ProfilingOptions(enabled=bool(profiling),
                             max_fields=DEFAULT_PROFILE_FIELDS if profile_fields is None else int(profile_fields),
-                            normalisation=profile_normalisation, null_size=int(profile_null_size), seed=int(seed))
+                            normalisation=profile_normalisation, null_size=int(profile_null_size), seed=int(seed),
+                            cellprofiler=bool(cellprofiler))
     t0 = time.perf_counter()
     run_evaluation(checkpoint_uri, manifest_uri, cfg, out_uri, baseline=baseline,
                    max_fields=DEFAULT_MAX_FIELDS if max_fields is None else int(max_fields),
