@@ -89,6 +89,8 @@ def read_versioned(uri: str) -> tuple[bytes, str] | None:
                 return None
             raise _s3_error(uri, "read", e) from e
     path = local_path(uri)
+    if not path.parent.is_dir():  # nothing there, and a read must not create the directory
+        return None
     with _dir_lock(path):
         return _local_current(path)
 
