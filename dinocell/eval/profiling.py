@@ -126,10 +126,7 @@ def run_profiling(models: dict, manifest_uri: str, cfg, channels: list[str], spl
         t0 = time.perf_counter()
         feats = field_features(backbone, images, feature_channels, feature_channels, size=size, mean=mean, std=std,
                                device=device, batch_size=batch_size, max_tiles=opts.max_tiles)
-        out["models"][name] = profile_scores(feats, meta, opts.normalisation, null_size=opts.null_size,
-                                             seed=opts.seed, threshold=opts.threshold)
-        log.info("profiling %s: activity mAP %.3f, retrieved %.2f (%.1fs)", name, _get(out, name, "activity",
-                 "mean_map"), _get(out, name, "activity", "fraction_retrieved"), time.perf_counter() - t0)
+        _score(out, name, feats, meta, opts, t0)
     if opts.cellprofiler:
         out["cellprofiler"] = _score_cellprofiler(out, images, feature_channels, meta, opts)
     return out
@@ -152,13 +149,16 @@ def _score_cellprofiler(out: dict, images: list, channels: list[str], meta, opts
                     cp["n_without_nuclei"], len(images), cp["segmentation_channel"])
     if not cp["kept"] or not cp["names"]:
         return {**info, "not_scored": "no field had nuclei" if not cp["kept"] else "no finite measurement"}
-    kept_meta = meta.iloc[cp["kept"]].reset_index(drop=True)
-    out["models"][CELLPROFILER_ID] = profile_scores(cp["features"], kept_meta, opts.normalisation,
-                                                    null_size=opts.null_size, seed=opts.seed, threshold=opts.threshold)
-    log.info("profiling CellProfiler (%d measurements): activity mAP %.3f, retrieved %.2f (%.1fs)", len(cp["names"]),
-             _get(out, CELLPROFILER_ID, "activity", "mean_map"),
-             _get(out, CELLPROFILER_ID, "activity", "fraction_retrieved"), time.perf_counter() - t0)
+    _score(out, CELLPROFILER_ID, cp["features"], meta.iloc[cp["kept"]].reset_index(drop=True), opts, t0)
     return info
+
+
+def _score(out: dict, name: str, feats, meta, opts: ProfilingOptions, t0: float) -> None:
+    """out["models"][name] = the profile scores of these field features (logged with the time since t0)."""
+    out["models"][name] = profile_scores(feats, meta, opts.normalisation, null_size=opts.null_size, seed=opts.seed,
+                                         threshold=opts.threshold)
+    log.info("profiling %s: activity mAP %.3f, retrieved %.2f (%.1fs)", name, _get(out, name, "activity", "mean_map"),
+             _get(out, name, "activity", "fraction_retrieved"), time.perf_counter() - t0)
 
 
 def _get(section: dict, model: str, part: str, key: str) -> float:
