@@ -102,8 +102,10 @@ def extract_metrics(metrics: dict) -> dict[str, dict[str, float]]:
               file=sys.stderr)
     profiling = metrics.get("profiling") if isinstance(metrics, dict) else None
     if isinstance(profiling, dict):
-        name_of = {str(r["model_id"]): str(r["model"]) for r in rows or [] if isinstance(r, dict)
-                   and "model_id" in r and "model" in r}
+        name_of = {str(k): str(v["label"]) for k, v in (metrics.get("models") or {}).items()
+                   if isinstance(v, dict) and "label" in v}  # e.g. the profiling-only CellProfiler row
+        name_of.update({str(r["model_id"]): str(r["model"]) for r in rows or [] if isinstance(r, dict)
+                        and "model_id" in r and "model" in r})
         models = profiling.get("models")
         if isinstance(models, dict):
             for model_id, section in models.items():
