@@ -37,6 +37,7 @@ from dinocell.data.preprocess import (
     validate_preprocess_config,
 )
 from dinocell.jump.manifest import FieldRecord
+from dinocell.storage.errors import s3_error_code
 
 __all__ = [
     "UNKNOWN_CHANNEL_ID",
@@ -73,8 +74,7 @@ def storage_error_kind(err: BaseException) -> str:
             break
         if isinstance(seen, (storage.NotFound, FileNotFoundError)):
             return "missing"
-        resp = getattr(seen, "response", None)
-        if isinstance(resp, dict) and resp.get("Error", {}).get("Code", "") in _MISSING_CODES:
+        if s3_error_code(seen) in _MISSING_CODES:
             return "missing"
         seen = seen.__cause__ or seen.__context__
     return "transient"

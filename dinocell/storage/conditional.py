@@ -19,7 +19,18 @@ import fcntl
 import hashlib
 import os
 
-from dinocell.storage import StorageError, _client, _s3_error, is_s3, local_path, split_s3, write_bytes
+from dinocell.storage import (
+    StorageError,
+    _client,
+    _s3_error,
+    get_config,
+    is_s3,
+    local_path,
+    split_s3,
+    write_bytes,
+)
+from dinocell.storage.errors import s3_error_code
+from dinocell.storage.retry import get_object_whole
 
 __all__ = ["ConditionalWritesUnsupported", "PreconditionFailed", "delete_if", "read_versioned", "write_if"]
 
@@ -36,15 +47,15 @@ _PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"
 _UNSUPPORTED_CODES = {"NotImplemented", "501"}
 
 
-def _code(err: Exception) -> str:
-    return str(getattr(err, "response", {}).get("Error", {}).get("Code", "")) if hasattr(err, "response") else ""
+def _precondition_failed(op: str, uri: str, expect: str | None) -> PreconditionFailed:
+    what = "exists already" if expect is None else f"changed since it was read (expected {expect})"
+    return PreconditionFailed(f"{op} {uri}: the object {what}")
 
 
 def _raise_s3(uri: str, op: str, err: Exception, expect: str | None):
-    code = _code(err)
+    code = s3_error_code(err)
     if code in _PRECONDITION_CODES:
-        what = "exists already" if expect is None else f"changed since it was read (expected ETag {expect})"
-        raise PreconditionFailed(f"{op} {uri}: the object {what}") from err
+        raise _precondition_failed(op, uri, expect) from err
     if code in _UNSUPPORTED_CODES:
         raise ConditionalWritesUnsupported(
             f"{op} {uri}: this object store does not implement conditional requests ({code})") from err
@@ -76,16 +87,20 @@ def _local_current(path) -> tuple[bytes, str] | None:
     return data, _content_tag(data)
 
 
+def _local_tag(path) -> str | None:
+    current = _local_current(path)
+    return current[1] if current is not None else None  # None: absent, what a create expects
+
+
 def read_versioned(uri: str) -> tuple[bytes, str] | None:
     """(content, tag) of a small object, None when it does not exist."""
     uri = str(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        try:
-            resp = _client(bucket).get_object(Bucket=bucket, Key=key)
-            return resp["Body"].read(), resp["ETag"]
+        try:  # the storage layer's GET: truncated or reset bodies retried, length checked
+            return get_object_whole(_client(bucket), bucket, key, get_config().for_bucket(bucket).max_attempts)
         except Exception as e:
-            if _code(e) in ("NoSuchKey", "404", "NotFound"):
+            if s3_error_code(e) in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise _s3_error(uri, "read", e) from e
     path = local_path(uri)
@@ -107,7 +122,7 @@ def write_if(uri: str, data: bytes, expect: str | None) -> str:
         try:
             return _client(bucket).put_object(Bucket=bucket, Key=key, Body=data, **cond)["ETag"]
         except Exception as e:
-            if _code(e) in _PRECONDITION_CODES:
+            if s3_error_code(e) in _PRECONDITION_CODES:
                 # botocore retries a PUT whose answer was lost; the retry then fails on our own first write
                 now = read_versioned(uri)
                 if now is not None and now[0] == data:
@@ -115,10 +130,8 @@ def write_if(uri: str, data: bytes, expect: str | None) -> str:
             _raise_s3(uri, "write", e, expect)
     path = local_path(uri)
     with _dir_lock(path):
-        current = _local_current(path)
-        if (current is None) != (expect is None) or (current is not None and current[1] != expect):
-            what = "exists already" if expect is None else f"changed since it was read (expected {expect})"
-            raise PreconditionFailed(f"write {uri}: the object {what}")
+        if _local_tag(path) != expect:
+            raise _precondition_failed("write", uri, expect)
         write_bytes(uri, data)
     return _content_tag(data)
 
@@ -135,7 +148,6 @@ def delete_if(uri: str, expect: str) -> None:
             _raise_s3(uri, "delete", e, expect)
     path = local_path(uri)
     with _dir_lock(path):
-        current = _local_current(path)
-        if current is None or current[1] != expect:
-            raise PreconditionFailed(f"delete {uri}: the object changed since it was read (expected {expect})")
+        if _local_tag(path) != expect:
+            raise _precondition_failed("delete", uri, expect)
         path.unlink()

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["describe_s3_error"]
+__all__ = ["describe_s3_error", "s3_error_code"]
+
+
+def s3_error_code(err: BaseException) -> str:
+    """botocore's error code of a failed call ("NoSuchKey", "404", "PreconditionFailed", ...), "" for other errors."""
+    resp = getattr(err, "response", None)
+    return str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
 
 
 def describe_s3_error(uri: str, op: str, err: Exception, cfg) -> str:  # noqa: C901 - a flat table of hints
@@ -12,10 +18,7 @@ def describe_s3_error(uri: str, op: str, err: Exception, cfg) -> str:  # noqa: C
 
     `cfg`: the StorageConfig in force for the URI's bucket (to tell anonymous from signed access, name the endpoint).
     """
-    code = ""
-    resp = getattr(err, "response", None)
-    if isinstance(resp, dict):
-        code = resp.get("Error", {}).get("Code", "")
+    code = s3_error_code(err)
     hint = ""
     if code in ("AccessDenied", "403", "Forbidden"):
         hint = (

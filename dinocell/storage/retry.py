@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 
-__all__ = ["TRANSIENT_BODY_ERRORS", "TruncatedBody", "get_object_bytes"]
+__all__ = ["TRANSIENT_BODY_ERRORS", "TruncatedBody", "get_object_bytes", "get_object_whole"]
 
 # botocore / urllib3 exception class names that mean "the body did not arrive whole" (names, so that this module
 # needs no botocore import; the storage layer imports boto3 lazily).
@@ -44,6 +44,12 @@ def get_object_bytes(client, bucket: str, key: str, attempts: int, base_delay_s:
     Errors that are not about the body (no such key, access denied, ...) are raised at once, as botocore gave them.
     `on_retry(attempt, error)` is called before each retry (the caller logs or counts).
     """
+    return get_object_whole(client, bucket, key, attempts, base_delay_s, on_retry)[0]
+
+
+def get_object_whole(client, bucket: str, key: str, attempts: int, base_delay_s: float = 0.2,
+                     on_retry=None) -> tuple[bytes, str]:
+    """get_object_bytes, with the ETag of the version that was read."""
     attempts = max(1, int(attempts))
     for attempt in range(1, attempts + 1):
         try:
@@ -52,7 +58,7 @@ def get_object_bytes(client, bucket: str, key: str, attempts: int, base_delay_s:
             expected = resp.get("ContentLength")
             if expected is not None and len(body) != int(expected):
                 raise TruncatedBody(f"got {len(body)} of {expected} bytes")
-            return body
+            return body, resp.get("ETag", "")
         except Exception as e:
             if attempt == attempts or not _transient(e):
                 raise
