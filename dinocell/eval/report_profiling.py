@@ -45,11 +45,19 @@ def _rows(metrics: dict) -> list[dict]:
     return headline(sec) if sec and "models" in sec else []
 
 
+# The difference rows under the table: (key in _deltas, title in the printed table, title in the HTML report)
+DELTA_ROWS = (
+    ("delta_vs_pixels", "checkpoint - best pixels", "Δ checkpoint − best pixel baseline"),
+    ("delta_vs_init", "checkpoint - init", "Δ checkpoint − initial weights"),
+    ("delta_vs_cellprofiler", "checkpoint - CellProfiler", "Δ checkpoint − CellProfiler"),
+)
+
+
 def _deltas(rows: list[dict], models: dict) -> dict[str, dict[str, float | None]]:
-    """Checkpoint minus the best pixel baseline / minus the initial weights, per metric."""
+    """Checkpoint minus the best pixel baseline / the initial weights / CellProfiler, per metric."""
     by_id = {r["model"]: r for r in rows}
     ck = by_id.get("checkpoint")
-    out: dict[str, dict[str, float | None]] = {"delta_vs_pixels": {}, "delta_vs_init": {}, "delta_vs_cellprofiler": {}}
+    out: dict[str, dict[str, float | None]] = {kind: {} for kind, _, _ in DELTA_ROWS}
     if ck is None:
         return out
     pixels = [r for mid, r in by_id.items() if mid.startswith("pixels_")]
@@ -106,8 +114,7 @@ def profiling_table(metrics: dict) -> str:
     deltas = _deltas(rows, metrics.get("models", {}))
     head = ["model", *(t for _, t in METRICS)]
     cells = [head] + [[_label(metrics, r["model"]), *(_fmt(r.get(m)) for m, _ in METRICS)] for r in rows]
-    for kind, title in (("delta_vs_pixels", "checkpoint - best pixels"), ("delta_vs_init", "checkpoint - init"),
-                        ("delta_vs_cellprofiler", "checkpoint - CellProfiler")):
+    for kind, title, _ in DELTA_ROWS:
         if any(v is not None for v in deltas[kind].values()):
             cells.append([title, *(_fmt(deltas[kind].get(m)) if m in _DELTA_METRICS else "" for m, _ in METRICS)])
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
@@ -169,9 +176,7 @@ def profiling_html(metrics: dict) -> list[str]:
         cls = " class=ck" if r["model"] == "checkpoint" else ""
         tds = "".join(f"<td class=num>{_fmt(r.get(m))}</td>" for m, _ in METRICS)
         body.append(f"<tr{cls}><td>{html.escape(_label(metrics, r['model']))}</td>{tds}</tr>")
-    for kind, title in (("delta_vs_pixels", "Δ checkpoint − best pixel baseline"),
-                        ("delta_vs_init", "Δ checkpoint − initial weights"),
-                        ("delta_vs_cellprofiler", "Δ checkpoint − CellProfiler")):
+    for kind, _, title in DELTA_ROWS:
         if any(v is not None for v in deltas[kind].values()):
             tds = "".join(f"<td class=num>{_fmt(deltas[kind].get(m)) if m in _DELTA_METRICS else ''}</td>"
                           for m, _ in METRICS)
