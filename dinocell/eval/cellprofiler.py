@@ -18,9 +18,11 @@ A field without nuclei has no vector: it is left out and counted. Measurements t
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 
 import numpy as np
 
@@ -119,18 +121,14 @@ def cellprofiler_features(images: list[np.ndarray], channels: list[str], on_fiel
     chunk = 8
     parts = [images[i : i + chunk] for i in range(0, len(images), chunk)]
     vectors: list[dict[str, float] | None] = []
-    if workers == 1:
-        for part in parts:
-            vectors += _vectors(part, channels, nuclear)
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1
+            else contextlib.nullcontext())
+    with pool:
+        run = pool.map if workers > 1 else map
+        for part, got in zip(parts, run(_vectors, parts, repeat(channels), repeat(nuclear))):
+            vectors += got
             if on_field is not None:
                 on_field(len(part))
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            for part, got in zip(parts, pool.map(_vectors, parts, [channels] * len(parts), [nuclear] * len(parts))):
-                vectors += got
-                if on_field is not None:
-                    on_field(len(part))
     kept = [i for i, v in enumerate(vectors) if v is not None]
     rows = [vectors[i] for i in kept]
     names = sorted({k for r in rows for k in r})
