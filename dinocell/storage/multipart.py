@@ -53,10 +53,10 @@ def abort_incomplete_uploads(prefix: str, started_before: dt.datetime) -> int:
         _log.warning("cannot list incomplete multipart uploads under %s: %s", prefix, e)
         return 0
     n = 0
+    bucket = split_s3(str(prefix))[0] if uploads else ""
     for key, upload_id, initiated in uploads:
         if initiated >= started_before:
             continue
-        bucket = split_s3(str(prefix))[0]
         try:
             _client(bucket).abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
         except Exception as e:
