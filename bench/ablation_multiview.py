@@ -194,15 +194,27 @@ def table_columns(runs: list[dict]) -> list[str]:
 # ------------------------------------------------------------------------------------------- the runs
 
 
-def prepare_data(args, work: Path) -> tuple[str, str]:
-    """Synthetic bucket -> manifest -> shards, once for every run; returns (manifest URI, shard index URI)."""
+def add_data_args(ap: argparse.ArgumentParser) -> None:
+    """The synthetic data's and the config's flags (shared with bench/invariance_ceiling.py)."""
+    ap.add_argument("--plates", type=int, default=3, help="plates of the synthetic batch")
+    ap.add_argument("--wells", type=int, default=6, help="wells per plate")
+    ap.add_argument("--sites", type=int, default=4, help="fields per well")
+    ap.add_argument("--size", type=int, default=256, help="synthetic field side in pixels")
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic bucket")
+    ap.add_argument("--val-fraction", type=float, default=0.34, help="data.val_fraction (held-out plates)")
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def prepare_manifest(args, work: Path) -> str:
+    """Synthetic bucket -> manifest with both splits (also used by bench/invariance_ceiling.py); its URI.
+
+    args: the flags of `add_data_args`."""
     from dinocell import storage
-    from dinocell.data.step import shard
     from dinocell.jump.step import discover
     from dinocell.synth.bucket import synth_bucket
 
     source = str(work / "source")
-    t0 = time.perf_counter()
     report = synth_bucket(source, batches=1, plates_per_batch=args.plates, wells_per_plate=args.wells,
                           sites_per_well=args.sites, size=args.size, seed=args.data_seed, with_illum=False,
                           workers=2)
@@ -215,9 +227,19 @@ def prepare_data(args, work: Path) -> tuple[str, str]:
     if not d.fields_per_split.get("val") or not d.fields_per_split.get("train"):
         raise SystemExit(f"ablation: need fields in both splits, got {d.fields_per_split}; change --plates or "
                          "--val-fraction")
-    s = shard(config, overrides, manifest_uri=d.manifest_uri, shards_prefix=str(work / "shards"))
-    print(f"data ready in {time.perf_counter() - t0:.1f}s: {d.fields_per_split}, shards {s.totals}")
-    return d.manifest_uri, s.index_uri
+    return d.manifest_uri
+
+
+def prepare_data(args, work: Path) -> tuple[str, str]:
+    """Synthetic bucket -> manifest -> shards, once for every run; returns (manifest URI, shard index URI)."""
+    from dinocell.data.step import shard
+
+    t0 = time.perf_counter()
+    manifest = prepare_manifest(args, work)
+    overrides = [f"data.val_fraction={args.val_fraction}", *args.overrides]
+    s = shard(resolve_config_path(args.config), overrides, manifest_uri=manifest, shards_prefix=str(work / "shards"))
+    print(f"data ready in {time.perf_counter() - t0:.1f}s, shards {s.totals}")
+    return manifest, s.index_uri
 
 
 def run_one(args, work: Path, manifest: str, index: str, policy: str, seed: int) -> dict:
@@ -276,15 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=600, help="training iterations per run (tiny config: 600)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (train.seed, loader.seed)")
     ap.add_argument("--policies", nargs="+", default=list(CROP_POLICIES), choices=list(CROP_POLICIES))
-    ap.add_argument("--plates", type=int, default=3, help="plates of the synthetic batch")
-    ap.add_argument("--wells", type=int, default=6, help="wells per plate")
-    ap.add_argument("--sites", type=int, default=4, help="fields per well")
-    ap.add_argument("--size", type=int, default=256, help="synthetic field side in pixels")
-    ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic bucket")
-    ap.add_argument("--val-fraction", type=float, default=0.34, help="data.val_fraction (held-out plates)")
+    add_data_args(ap)
     ap.add_argument("--eval-fields", type=int, default=256, help="held-out fields evaluated per run")
-    ap.add_argument("--config", default="tiny")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the tiny model gains nothing from more)")
     args = ap.parse_args(argv)
     if args.iters < 1:

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""How much layout-free field identity do the held-out fields hold? A ceiling for issue 8's retrieval criterion.
+
+  python bench/invariance_ceiling.py --out ceiling.json [--steps 2000] [--batch 64] [--temp 0.1] [--lr 1e-3]
+         [--view-size 0] [--downsample 0] [--plates 4 --wells 24 --sites 2 --size 192 --val-fraction 0.5]
+         [--config tiny] [--set KEY=VALUE ...] [--workdir DIR]
+
+The evaluation's headline (cross-channel top-1 under independent views, dinocell.eval.view_sampling) asks a model to
+find a field from another channel's view with its own crop (area 0.32-1), flip and quarter turn. This script trains
+the config's backbone *directly on that task* and nothing else: InfoNCE between two views of one field, each drawn
+like the evaluation's (two different views among the mean view and the fluorescent channels, an independent crop
+from view_sampling.DEFAULT_SCALE / DEFAULT_RATIO, one of the 8 orientations), on the training plates of the same
+synthetic bucket the ablation uses (bench/ablation_multiview.py's data flags and helpers). Every --eval-every steps
+its CLS embeddings of the held-out fields are scored by the evaluation's own code (view_specs, embed_fields,
+analyse_embeddings: fluorescent channel pairs, CLS top-1), next to the pixel baselines scored once.
+
+It is not a method (it is trained on the evaluation's own view distribution, with field identity as the label) but
+a ceiling for a backbone of this size on this data: if it cannot get clearly above the pixel baseline, no
+self-supervised run of the same backbone on the same data can be expected to, and the data holds too little
+layout-free field identity; if it can, the self-supervised objective is what falls short. Prints one JSON line per
+evaluation and writes the history to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ablation_multiview import add_data_args, prepare_manifest  # bench/ is the script's directory
+
+from dinocell.channels import is_fluorescent
+from dinocell.config import load_config, resolve_config_path
+from dinocell.data.augment_ops import crop_resize, orientation_as_flips, sample_crop_boxes
+from dinocell.eval.evaluate import load_eval_fields, view_specs
+from dinocell.eval.models import EvalModel, embed_fields, reference_models
+from dinocell.eval.scoring import analyse_embeddings
+from dinocell.eval.view_sampling import DEFAULT_RATIO, DEFAULT_SCALE, normalised_planes
+from dinocell.model.vit import build_vit
+
+
+def _random_views(planes: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """planes [n, H, W] -> [n, 1, size, size]: per plane an independent crop and one of the 8 orientations."""
+    n, h, w = planes.shape
+    boxes = sample_crop_boxes(n, h, w, DEFAULT_SCALE, DEFAULT_RATIO, g, planes.device)
+    element = torch.randint(0, 8, (n,), generator=g)
+    rows, cols, transpose = orientation_as_flips(element // 4 == 1, torch.zeros(n, dtype=torch.bool), element % 4)
+    return crop_resize(planes, torch.arange(n), boxes, size, flip_rows=rows, flip_cols=cols,
+                       transpose=transpose)[:, None]
+
+
+def _score(models: list[EvalModel], fields, size: int, prefix: str = "") -> dict[str, float]:
+    """{prefix + model id: CLS top-1 over fluorescent channel pairs, independent views (evaluation seed 0)}."""
+    specs = view_specs(fields, seed=0)
+    out = {}
+    for m in models:
+        s = analyse_embeddings(embed_fields(m, fields, size, "cpu", 64, "independent", specs))["cls"]["summary"]
+        out[prefix + m.id] = float(s["top1"])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON file for the history")
+    ap.add_argument("--workdir", default="", help="the synthetic bucket and manifest (default: a temporary one)")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=64, help="fields per step (two views each)")
+    ap.add_argument("--temp", type=float, default=0.1, help="InfoNCE temperature")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr (cosine to 0)")
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--view-size", type=int, default=0, help="view side (default: the config's augment.global_size)")
+    ap.add_argument("--downsample", type=int, default=0, help="preprocess.downsample (default: the config's)")
+    add_data_args(ap)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        manifest = prepare_manifest(args, work)
+        cfg = load_config(resolve_config_path(args.config),
+                          [f"data.val_fraction={args.val_fraction}", *args.overrides,
+                           *([f"preprocess.downsample={args.downsample}"] if args.downsample else [])])
+        fluo = [c for c in cfg.data.channels if is_fluorescent(c)] or None
+        train = load_eval_fields(manifest, cfg, fluo, 0, "train")
+        val = load_eval_fields(manifest, cfg, fluo, 0, "val")
+    history = train_and_score(args, cfg, train, val, g)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "history": history}, indent=1))
+    print(f"wrote {args.out}")
+
+
+def train_and_score(args, cfg, train, val, g: torch.Generator) -> list[dict]:
+    size, norm = int(args.view_size or cfg.augment.global_size), (float(cfg.augment.norm_mean),
+                                                                  float(cfg.augment.norm_std))
+    backbone = build_vit(cfg.model.arch, **{**cfg.model.backbone_kwargs(student=False), "in_chans": 1})
+    head = torch.nn.Sequential(torch.nn.Linear(backbone.embed_dim, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    opt = torch.optim.AdamW(list(backbone.parameters()) + list(head.parameters()), lr=args.lr, weight_decay=0.05)
+    stack = torch.from_numpy(np.stack(train.images))
+    planes = normalised_planes(stack, train.channels, *norm)  # {view: [N, 1, H, W]}
+    names = list(planes)
+    allp = torch.stack([planes[v][:, 0] for v in names], dim=1)  # [N, V, H, W]
+    ref = reference_models(norm, "cpu", positions=False)
+    model = EvalModel("ceiling", "supervised views", backbone, *norm, "InfoNCE on the evaluation's views")
+    print(f"training fields {len(train.images)}, held-out {len(val.images)} (chance {1 / len(val.images):.4f}), "
+          f"views {names}, size {size}", flush=True)
+    # held-out fields (the evaluation's) and the training fields themselves (can the task be fitted at all?)
+    history = [{"step": 0, **_score([model] + ref, val, size), **_score([model] + ref, train, size, "train/")}]
+    print(json.dumps(history[-1]), flush=True)
+    t0 = time.time()
+    for step in range(1, args.steps + 1):
+        lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, allp.shape[0], (args.batch,), generator=g)
+        a = torch.randint(0, len(names), (args.batch,), generator=g)
+        b = (a + torch.randint(1, len(names), (args.batch,), generator=g)) % len(names)  # another view
+        x = torch.cat([_random_views(allp[idx, a], size, g), _random_views(allp[idx, b], size, g)])
+        backbone.train()
+        z = F.normalize(head(backbone.forward_features(x)["x_norm_clstoken"]), dim=1)
+        logits = z[: args.batch] @ z[args.batch :].T / args.temp
+        target = torch.arange(args.batch)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            backbone.eval()
+            history.append({"step": step, "loss": round(loss.item(), 4), "s": round(time.time() - t0, 1),
+                            **_score([model], val, size), **_score([model], train, size, "train/")})
+            print(json.dumps(history[-1]), flush=True)
+    return history
+
+if __name__ == "__main__":
+    main()
