@@ -37,7 +37,7 @@ from dinocell.data.preprocess import (
     validate_preprocess_config,
 )
 from dinocell.jump.manifest import FieldRecord
-from dinocell.storage.errors import s3_error_code
+from dinocell.storage.errors import NOT_FOUND_CODES, s3_error_code
 
 __all__ = [
     "UNKNOWN_CHANNEL_ID",
@@ -61,7 +61,7 @@ def channel_ids_of(channels: Sequence[str]) -> tuple[int, ...]:
     return tuple(ALL_CHANNELS.index(c) if c in ALL_CHANNELS else UNKNOWN_CHANNEL_ID for c in channels)
 
 
-_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket"})
+_MISSING_CODES = NOT_FOUND_CODES | {"NoSuchBucket"}
 
 
 def storage_error_kind(err: BaseException) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dinocell.log import get_logger
-from dinocell.storage.errors import describe_s3_error, s3_error_code
+from dinocell.storage.errors import NOT_FOUND_CODES, describe_s3_error, s3_error_code
 from dinocell.storage.retry import get_object_bytes
 
 _log = get_logger("storage")
@@ -369,7 +369,7 @@ def exists(uri: str | os.PathLike) -> bool:
             _client(bucket).head_object(Bucket=bucket, Key=key)
             return True
         except Exception as e:
-            if s3_error_code(e) in ("404", "NoSuchKey", "NotFound"):
+            if s3_error_code(e) in NOT_FOUND_CODES:
                 return False
             raise _s3_error(uri, "stat", e) from e
     return local_path(uri).exists()

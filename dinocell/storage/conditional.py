@@ -29,7 +29,7 @@ from dinocell.storage import (
     split_s3,
     write_bytes,
 )
-from dinocell.storage.errors import s3_error_code
+from dinocell.storage.errors import NOT_FOUND_CODES, s3_error_code
 from dinocell.storage.retry import get_object_whole
 
 __all__ = ["ConditionalWritesUnsupported", "PreconditionFailed", "delete_if", "read_versioned", "write_if"]
@@ -100,7 +100,7 @@ def read_versioned(uri: str) -> tuple[bytes, str] | None:
         try:  # the storage layer's GET: truncated or reset bodies retried, length checked
             return get_object_whole(_client(bucket), bucket, key, get_config().for_bucket(bucket).max_attempts)
         except Exception as e:
-            if s3_error_code(e) in ("NoSuchKey", "404", "NotFound"):
+            if s3_error_code(e) in NOT_FOUND_CODES:
                 return None
             raise _s3_error(uri, "read", e) from e
     path = local_path(uri)

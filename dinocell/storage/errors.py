@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["describe_s3_error", "s3_error_code"]
+__all__ = ["NOT_FOUND_CODES", "describe_s3_error", "s3_error_code"]
+
+# botocore's codes for "no such object" (a GET says NoSuchKey, a HEAD only its status)
+NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
 def s3_error_code(err: BaseException) -> str:
@@ -26,7 +29,7 @@ def describe_s3_error(uri: str, op: str, err: Exception, cfg) -> str:  # noqa: C
             if cfg.anonymous
             else " (access denied: check the credentials in the environment / object-storage secret)"
         )
-    elif code in ("NoSuchKey", "404", "NotFound"):
+    elif code in NOT_FOUND_CODES:
         hint = " (no such object)"
     elif code == "NoSuchBucket":
         hint = " (no such bucket)"
