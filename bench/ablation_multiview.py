@@ -206,6 +206,11 @@ def add_data_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
+def data_overrides(args) -> list[str]:
+    """The config overrides every step of a bench run shares: the held-out fraction, then the user's --set."""
+    return [f"data.val_fraction={args.val_fraction}", *args.overrides]
+
+
 def prepare_manifest(args, work: Path) -> str:
     """Synthetic bucket -> manifest with both splits (also used by bench/invariance_ceiling.py); its URI.
 
@@ -220,8 +225,7 @@ def prepare_manifest(args, work: Path) -> str:
                           workers=2)
     print(report.summary())
     config = resolve_config_path(args.config)
-    overrides = [f"data.val_fraction={args.val_fraction}", *args.overrides]
-    d = discover(config, overrides, manifest_uri=str(work / "manifest.parquet"),
+    d = discover(config, data_overrides(args), manifest_uri=str(work / "manifest.parquet"),
                  images_prefix=storage.join(source, "images"))
     print(d.summary_text)
     if not d.fields_per_split.get("val") or not d.fields_per_split.get("train"):
@@ -236,8 +240,7 @@ def prepare_data(args, work: Path) -> tuple[str, str]:
 
     t0 = time.perf_counter()
     manifest = prepare_manifest(args, work)
-    overrides = [f"data.val_fraction={args.val_fraction}", *args.overrides]
-    s = shard(resolve_config_path(args.config), overrides, manifest_uri=manifest, shards_prefix=str(work / "shards"))
+    s = shard(resolve_config_path(args.config), data_overrides(args), manifest_uri=manifest, shards_prefix=str(work / "shards"))
     print(f"data ready in {time.perf_counter() - t0:.1f}s, shards {s.totals}")
     return manifest, s.index_uri
 
@@ -249,7 +252,7 @@ def run_one(args, work: Path, manifest: str, index: str, policy: str, seed: int)
 
     name = f"{policy}-seed{seed}"
     cfg = load_config(resolve_config_path(args.config), [
-        f"data.val_fraction={args.val_fraction}", *args.overrides,
+        *data_overrides(args),
         f"loader.shards={index}", f"data.manifest={manifest}", f"train.output_dir={work / 'runs'}",
         f"train.run_name={name}", f"train.max_iters={args.iters}", f"train.seed={seed}", f"loader.seed={seed}",
         f"augment.crop_policy={policy}", "train.ckpt_every=0", "train.vis_every=0", "train.progress=false",

@@ -33,31 +33,29 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ablation_multiview import add_data_args, prepare_manifest  # bench/ is the script's directory
+from ablation_multiview import add_data_args, data_overrides, prepare_manifest  # bench/ is the script's directory
 
 from dinocell.channels import is_fluorescent
 from dinocell.config import load_config, resolve_config_path
-from dinocell.data.augment_ops import crop_resize, orientation_as_flips, sample_crop_boxes
+from dinocell.data.augment_ops import sample_crop_boxes
 from dinocell.eval.evaluate import load_eval_fields, view_specs
 from dinocell.eval.models import EvalModel, embed_fields, reference_models
 from dinocell.eval.scoring import analyse_embeddings
-from dinocell.eval.view_sampling import DEFAULT_RATIO, DEFAULT_SCALE, normalised_planes
+from dinocell.eval.view_sampling import DEFAULT_RATIO, DEFAULT_SCALE, normalised_planes, render_boxes
 from dinocell.model.vit import build_vit
 
 
 def _random_views(planes: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
-    """planes [n, H, W] -> [n, 1, size, size]: per plane an independent crop and one of the 8 orientations."""
+    """planes [n, H, W] -> [n, 1, size, size]: per plane an independent crop and one of the 8 orientations, rendered
+    like the evaluation's views."""
     n, h, w = planes.shape
     boxes = sample_crop_boxes(n, h, w, DEFAULT_SCALE, DEFAULT_RATIO, g, planes.device)
     element = torch.randint(0, 8, (n,), generator=g)
-    rows, cols, transpose = orientation_as_flips(element // 4 == 1, torch.zeros(n, dtype=torch.bool), element % 4)
-    return crop_resize(planes, torch.arange(n), boxes, size, flip_rows=rows, flip_cols=cols,
-                       transpose=transpose)[:, None]
+    return render_boxes(planes, boxes, element // 4 == 1, element % 4, size)[:, None]
 
 
-def _score(models: list[EvalModel], fields, size: int, prefix: str = "") -> dict[str, float]:
-    """{prefix + model id: CLS top-1 over fluorescent channel pairs, independent views (evaluation seed 0)}."""
-    specs = view_specs(fields, seed=0)
+def _score(models: list[EvalModel], fields, specs, size: int, prefix: str = "") -> dict[str, float]:
+    """{prefix + model id: CLS top-1 over fluorescent channel pairs, independent views `specs`}."""
     out = {}
     for m in models:
         s = analyse_embeddings(embed_fields(m, fields, size, "cpu", 64, "independent", specs))["cls"]["summary"]
@@ -88,7 +86,7 @@ def main() -> None:
         work = Path(args.workdir or tmp)
         manifest = prepare_manifest(args, work)
         cfg = load_config(resolve_config_path(args.config),
-                          [f"data.val_fraction={args.val_fraction}", *args.overrides,
+                          [*data_overrides(args),
                            *([f"preprocess.downsample={args.downsample}"] if args.downsample else [])])
         fluo = [c for c in cfg.data.channels if is_fluorescent(c)] or None
         train = load_eval_fields(manifest, cfg, fluo, 0, "train")
@@ -113,7 +111,9 @@ def train_and_score(args, cfg, train, val, g: torch.Generator) -> list[dict]:
     print(f"training fields {len(train.images)}, held-out {len(val.images)} (chance {1 / len(val.images):.4f}), "
           f"views {names}, size {size}", flush=True)
     # held-out fields (the evaluation's) and the training fields themselves (can the task be fitted at all?)
-    history = [{"step": 0, **_score([model] + ref, val, size), **_score([model] + ref, train, size, "train/")}]
+    val_specs, train_specs = view_specs(val, seed=0), view_specs(train, seed=0)  # the evaluation's, seed 0
+    history = [{"step": 0, **_score([model] + ref, val, val_specs, size),
+                **_score([model] + ref, train, train_specs, size, "train/")}]
     print(json.dumps(history[-1]), flush=True)
     t0 = time.time()
     for step in range(1, args.steps + 1):
@@ -135,7 +135,8 @@ def train_and_score(args, cfg, train, val, g: torch.Generator) -> list[dict]:
         if step % args.eval_every == 0 or step == args.steps:
             backbone.eval()
             history.append({"step": step, "loss": round(loss.item(), 4), "s": round(time.time() - t0, 1),
-                            **_score([model], val, size), **_score([model], train, size, "train/")})
+                            **_score([model], val, val_specs, size),
+                            **_score([model], train, train_specs, size, "train/")})
             print(json.dumps(history[-1]), flush=True)
     return history
 

@@ -42,6 +42,7 @@ __all__ = [
     "normalised_planes",
     "parse_view_modes",
     "field_orientations",
+    "render_boxes",
     "sample_view_spec",
     "view_generator_seed",
 ]
@@ -130,14 +131,20 @@ def sample_view_spec(seed: int, field_id: str, view: str, field_hw: tuple[int, i
 
 def _render(planes: torch.Tensor, specs: list[ViewSpec], size: int) -> torch.Tensor:
     """planes [n, H, W] float, one spec each -> [n, size, size]."""
-    n = planes.shape[0]
     device = planes.device
     boxes = torch.tensor([[s.x0, s.y0, s.w, s.h] for s in specs], dtype=torch.float32, device=device)
     hflip = torch.tensor([s.hflip for s in specs], dtype=torch.bool, device=device)
     rot = torch.tensor([s.rot90 for s in specs], dtype=torch.long, device=device)
-    flip_rows, flip_cols, transpose = orientation_as_flips(hflip, torch.zeros_like(hflip), rot)
-    return crop_resize(planes.float(), torch.arange(n, device=device), boxes, size, flip_rows=flip_rows,
-                       flip_cols=flip_cols, transpose=transpose)
+    return render_boxes(planes, boxes, hflip, rot, size)
+
+
+def render_boxes(planes: torch.Tensor, boxes: torch.Tensor, hflip: torch.Tensor, rot90: torch.Tensor,
+                 size: int) -> torch.Tensor:
+    """A view's render as tensors: planes [n, H, W], boxes [n, 4] (x0, y0, w, h), hflip [n] bool, rot90 [n]
+    -> [n, size, size] (crop -> resize -> flip left-right -> turn counter-clockwise)."""
+    flip_rows, flip_cols, transpose = orientation_as_flips(hflip, torch.zeros_like(hflip), rot90)
+    return crop_resize(planes.float(), torch.arange(planes.shape[0], device=planes.device), boxes, size,
+                       flip_rows=flip_rows, flip_cols=flip_cols, transpose=transpose)
 
 
 class IndependentViews:
