@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-plate normalisation against negative controls")
     p.add_argument("--profile-null-size", type=int, default=10000, help="copairs null size for the p-values")
     p.add_argument("--no-cellprofiler", action="store_true",
-                   help="profiling without the CellProfiler-features row (cp_measure; ~0.3 s per 256 px field)")
+                   help="profiling without the CellProfiler-features row (cp_measure; ~0.6 s per 256 px field and core)")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("publish", help="publish a checkpoint's teacher backbone as a versioned model")
