@@ -201,6 +201,8 @@ def add_data_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sites", type=int, default=4, help="fields per well")
     ap.add_argument("--size", type=int, default=256, help="synthetic field side in pixels")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic bucket")
+    ap.add_argument("--site-variation", type=float, default=0.0,
+                    help="synth site_variation: how much sites of a well differ (0 = only in cell positions)")
     ap.add_argument("--val-fraction", type=float, default=0.34, help="data.val_fraction (held-out plates)")
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -222,7 +224,7 @@ def prepare_manifest(args, work: Path) -> str:
     source = str(work / "source")
     report = synth_bucket(source, batches=1, plates_per_batch=args.plates, wells_per_plate=args.wells,
                           sites_per_well=args.sites, size=args.size, seed=args.data_seed, with_illum=False,
-                          workers=2)
+                          workers=2, site_variation=args.site_variation)
     print(report.summary())
     config = resolve_config_path(args.config)
     d = discover(config, data_overrides(args), manifest_uri=str(work / "manifest.parquet"),

@@ -64,7 +64,7 @@ def cmd_synth(args) -> int:
         args.out, batches=args.batches, plates_per_batch=args.plates, wells_per_plate=args.wells,
         sites_per_well=args.sites, size=args.size, seed=args.seed, csv_form=args.csv_form,
         with_illum=not args.no_illum, faults=faults, perturbations=args.perturbations, replicates=args.replicates,
-        negcon_wells=args.negcon_wells, poscon=args.poscon, targets=args.targets,
+        negcon_wells=args.negcon_wells, poscon=args.poscon, targets=args.targets, site_variation=args.site_variation,
     )
     print(report.summary())
     log.info("synthesised %s in %.1fs", args.out, time.perf_counter() - t0)
@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negcon-wells", type=int, default=None, help="DMSO wells per plate (default: ~1 in 6)")
     p.add_argument("--poscon", type=int, default=0, help="positive-control perturbations (strong effects)")
     p.add_argument("--targets", type=int, default=None, help="targets shared by the perturbations (default: half)")
+    p.add_argument("--site-variation", type=float, default=0.0,
+                   help="how much sites of a well differ in confluence and cell state (0 = only in cell positions)")
     p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("discover", help="find fields (load_data CSVs or listing) and write the field manifest")

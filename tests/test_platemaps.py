@@ -24,7 +24,7 @@ from dinocell.jump.manifest import FieldRecord, Manifest
 from dinocell.synth import nuisance
 from dinocell.synth.bucket import plan_bucket, synth_bucket
 from dinocell.synth.cells import Phenotype
-from dinocell.synth.nuisance import edge_weight, well_effects
+from dinocell.synth.nuisance import edge_weight, site_effects, well_effects
 from dinocell.synth.perturbations import EFFECT_SCALES, MULTIPLICATIVE, apply_effect
 
 
@@ -143,11 +143,42 @@ def test_nuisance_batch_and_well_position_effects():
     design = np.array([[1.0, r, c] for r, c in inner])
     coef, *_ = np.linalg.lstsq(design, light, rcond=None)
     assert np.abs(design @ coef - light).max() < 1e-9 and np.abs(coef[1:]).max() > 1e-4  # a plane, not flat
-    # The field phenotypes of one perturbation differ between wells only by these effects (the plate map is exact).
+    # The field phenotypes of one perturbation differ between wells only by these effects (the plate map is exact),
+    # and between the sites of a well only by the site's own context.
     fields = [f for f in plan.fields() if f.plate == plan.plates[0]]
     for f in fields:
         expected = well_effects(apply_effect(f.plate.phenotype, f.perturbation.effect), 2, (0, 0), f.row, f.col, 16, 24)
-        assert f.phenotype == expected.clamped()
+        assert f.phenotype == site_effects(expected, 2, (0, 0), f.row, f.col, f.site, plan.site_variation).clamped()
+
+
+def test_sites_of_a_well_differ_in_population_context():
+    kw = {"batches": 1, "plates_per_batch": 2, "wells_per_plate": 24, "sites_per_well": 9, "seed": 4}
+    flat, varied = plan_bucket(**kw), plan_bucket(**kw, site_variation=1)
+    assert flat.site_variation == 0.0  # off by default: the sites of a well share one phenotype
+    assert flat.plates == varied.plates and flat.layout == varied.layout  # its own seed stream
+    by_well: dict = {}
+    for f0, f1 in zip(flat.fields(), varied.fields(), strict=True):
+        by_well.setdefault((f0.plate.barcode, f0.well), []).append((f0.phenotype, f1.phenotype))
+    log_density, log_radius = [], []
+    for sites in by_well.values():
+        assert len({ph0 for ph0, _ in sites}) == 1  # site_variation 0: one phenotype per well
+        assert len({ph1 for _, ph1 in sites}) == len(sites)
+        well = sites[0][0]
+        log_density += [np.log(ph1.density / well.density) for _, ph1 in sites]
+        log_radius += [np.log(ph1.cell_radius / well.cell_radius) for _, ph1 in sites]
+        for _, ph1 in sites:  # what perturbations move besides density and size is the well's own
+            for k in set(EFFECT_SCALES) - {"density", "cell_radius"}:
+                assert getattr(ph1, k) == getattr(well, k), k
+    # Confluence spreads the density as planned, and crowded sites hold smaller cells.
+    assert np.std(log_density) == pytest.approx(nuisance.SITE_SIGMAS["confluence"], rel=0.15)
+    assert np.corrcoef(log_density, log_radius)[0, 1] < -0.5
+    assert set(nuisance.SITE_SIGMAS) - {"confluence", "cell_radius"} <= set(Phenotype().to_dict()) - set(EFFECT_SCALES)
+    twice = plan_bucket(**kw, site_variation=2)
+    spread = [np.log(f.phenotype.density) for f in twice.fields()]
+    assert np.std(spread) > np.std([np.log(f.phenotype.density) for f in varied.fields()])
+    for bad in (-0.5, 5, True, "1"):
+        with pytest.raises(ValueError, match="site_variation"):
+            plan_bucket(**kw, site_variation=bad)
 
 
 # --------------------------------------------------------------------------- discovery: the gallery's maps

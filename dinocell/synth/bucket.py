@@ -142,6 +142,7 @@ def synth_bucket(
     negcon_wells: int | None = None,
     poscon: int = 0,
     targets: int | None = None,
+    site_variation: float = 0.0,
 ) -> SynthReport:
     """Write a synthetic JUMP-layout bucket under `source_root` and report what was written.
 
@@ -168,6 +169,10 @@ def synth_bucket(
     poscon: positive controls (SYNTH-POS1..., control_type "poscon") with strong effects, `replicates` wells each.
     targets: targets shared by the perturbations (round robin: 2-3 perturbations per target by default); None:
         perturbations // 2 (at least 1 when there are perturbations).
+    site_variation: how much each site's population context (confluence, cell size and state) differs from the other
+        sites of its well, as a multiple of dinocell.synth.nuisance.SITE_SIGMAS; 0 = the sites of a well differ only in
+        where their cells lie (the default: at 2 sites per well, site_variation 1 drops the CellProfiler anchor's
+        activity mAP from 0.75 to 0.46, see the README).
     The layout, the targets and the effects come from their own seed stream: see dinocell.synth.perturbations;
     batch, plate and well-position nuisance effects: dinocell.synth.nuisance. `SynthReport.wells` holds the truth.
     """
@@ -196,6 +201,7 @@ def synth_bucket(
         poscon=poscon,
         targets=targets,
         seed=seed,
+        site_variation=site_variation,
     )
     all_fields = plan.fields()
     images_root = layout.images_root(source_root)

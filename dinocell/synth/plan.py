@@ -6,7 +6,8 @@ Ground truth for evaluation: plates differ in a "plate phenotype" (density, cell
 their ranges, plus per-plate and per-batch brightness per channel); the plate map (dinocell.synth.perturbations, the
 same layout on every plate, as in JUMP) puts DMSO negative controls, optional positive controls and replicated
 treatments that share targets in the wells; well-position effects (dinocell.synth.nuisance) come on top. A field's
-phenotype = plate phenotype, then its perturbation's effect, then its well's position effects.
+phenotype = plate phenotype, then its perturbation's effect, then its well's position effects, then its site's own
+population context (confluence and cell state, `site_variation`; nuisance.site_effects).
 
 Seeds: every purpose draws from its own stream (`seeded_rng(seed, TAG_..., ...)`, dinocell.synth.seeds), so changing
 one part of a run leaves the others alone: the layout and effects (TAG_LAYOUT) do not move the plates (TAG_PLAN).
@@ -22,7 +23,7 @@ import numpy as np
 from dinocell.channels import ALL_CHANNELS, FLUORESCENT_CHANNELS
 from dinocell.jump import layout
 from dinocell.synth.cells import Phenotype, VignetteParams
-from dinocell.synth.nuisance import batch_brightness, well_effects
+from dinocell.synth.nuisance import batch_brightness, site_effects, well_effects
 from dinocell.synth.perturbations import Perturbation, PlateLayout, apply_effect, layout_counts, plan_layout
 from dinocell.synth.seeds import TAG_FAULTS, TAG_FIELD, TAG_LAYOUT, TAG_NUISANCE, TAG_PLAN, TAG_STRAY, seeded_rng
 
@@ -88,7 +89,7 @@ class SynthField:
     col: int
     site: int
     perturbation: Perturbation
-    phenotype: Phenotype  # plate phenotype + perturbation effect + well-position effects
+    phenotype: Phenotype  # plate phenotype + perturbation effect + well-position effects + the site's own context
 
     @property
     def well(self) -> str:
@@ -107,6 +108,7 @@ class SynthPlan:
     layout: PlateLayout  # the plate map: perturbation per well, the same on every plate
     sites_per_well: int
     seed: int
+    site_variation: float = 0.0  # scale of each site's own population context (dinocell.synth.nuisance.site_effects)
 
     def perturbation(self, well: str) -> Perturbation:
         return self.layout.perturbation(well)
@@ -118,9 +120,10 @@ class SynthPlan:
                 pert = self.layout.perturbation(layout.well_name(row, col))
                 ph = apply_effect(plate.phenotype, pert.effect)
                 key = (plate.batch_index, plate.plate_index)
-                ph = well_effects(ph, self.seed, key, row, col, PLATE_ROWS, PLATE_COLS).clamped()
+                ph = well_effects(ph, self.seed, key, row, col, PLATE_ROWS, PLATE_COLS)
                 for site in range(1, self.sites_per_well + 1):
-                    out.append(SynthField(plate, row, col, site, pert, ph))
+                    site_ph = site_effects(ph, self.seed, key, row, col, site, self.site_variation).clamped()
+                    out.append(SynthField(plate, row, col, site, pert, site_ph))
         return out
 
     def well_truth(self) -> list[dict]:
@@ -177,6 +180,7 @@ def plan_bucket(
     poscon: int = 0,
     targets: int | None = None,
     seed: int = 0,
+    site_variation: float = 0.0,
 ) -> SynthPlan:
     """Decide names, plate phenotypes, vignetting, well positions and the plate map (no I/O). See `synth_bucket`."""
     for name, v, lo, hi in (
@@ -187,6 +191,8 @@ def plan_bucket(
     ):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not lo <= v <= hi:
             raise ValueError(f"synth: {name} must be an integer in [{lo}, {hi}], got {v!r}")
+    if isinstance(site_variation, bool) or not isinstance(site_variation, (int, float)) or not 0 <= site_variation <= 4:
+        raise ValueError(f"synth: site_variation must be a number in [0, 4], got {site_variation!r}")
     n_pert, n_neg, n_pos, n_tgt = layout_counts(wells_per_plate, perturbations, replicates, negcon_wells, poscon, targets)
     rng = seeded_rng(seed, TAG_PLAN)
     n_plates = batches * plates_per_batch
@@ -260,4 +266,4 @@ def plan_bucket(
         seeded_rng(seed, TAG_LAYOUT, 1), wells, perturbations=n_pert, replicates=replicates, negcon_wells=n_neg,
         poscon=n_pos, targets=n_tgt,
     )  # fmt: skip
-    return SynthPlan(tuple(plates), wells, plate_map, sites_per_well, seed)
+    return SynthPlan(tuple(plates), wells, plate_map, sites_per_well, seed, float(site_variation))
