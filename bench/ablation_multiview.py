@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"headline keys not in metrics.json (left out of the table): {missing}")
     meta = {"config": args.config, "iters": args.iters, "seeds": args.seeds, "policies": args.policies,
             "plates": args.plates, "wells": args.wells, "sites": args.sites, "size": args.size,
-            "data_seed": args.data_seed, "overrides": args.overrides, "torch": torch.__version__}
+            "data_seed": args.data_seed, "site_variation": args.site_variation, "val_fraction": args.val_fraction,
+            "overrides": args.overrides, "torch": torch.__version__}
     write_table(rows, out, meta=meta, columns=columns or None)
     json_path = out / "ablation.json"
     payload = json.loads(json_path.read_text())

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How much layout-free field identity do the held-out fields hold? A ceiling for issue 8's retrieval criterion.
 
-  python bench/invariance_ceiling.py --out ceiling.json [--steps 2000] [--batch 64] [--temp 0.1] [--lr 1e-3]
+  python bench/invariance_ceiling.py --out ceiling.json [--steps 2000] [--batch 64] [--temp 0.1] [--lr 1e-3] [--warmup 200]
          [--view-size 0] [--downsample 0] [--plates 4 --wells 24 --sites 2 --size 192 --val-fraction 0.5]
          [--config tiny] [--set KEY=VALUE ...] [--workdir DIR]
 
@@ -70,7 +70,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=64, help="fields per step (two views each)")
     ap.add_argument("--temp", type=float, default=0.1, help="InfoNCE temperature")
-    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr (cosine to 0)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr (linear warm-up, then cosine to 0)")
+    ap.add_argument("--warmup", type=int, default=200,
+                    help="warm-up steps (without, the ViT often sat at the uniform InfoNCE plateau, loss log(batch))")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -100,7 +102,10 @@ def train_and_score(args, cfg, train, val, g: torch.Generator) -> list[dict]:
     size, norm = int(args.view_size or cfg.augment.global_size), (float(cfg.augment.norm_mean),
                                                                   float(cfg.augment.norm_std))
     backbone = build_vit(cfg.model.arch, **{**cfg.model.backbone_kwargs(student=False), "in_chans": 1})
-    head = torch.nn.Sequential(torch.nn.Linear(backbone.embed_dim, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    # BatchNorm in the projection head (as SimCLR's): without it the tiny ViT often settled on constant embeddings
+    # (InfoNCE loss log(batch) from the start to the end of a run).
+    head = torch.nn.Sequential(torch.nn.Linear(backbone.embed_dim, 256), torch.nn.BatchNorm1d(256), torch.nn.GELU(),
+                               torch.nn.Linear(256, 64))
     opt = torch.optim.AdamW(list(backbone.parameters()) + list(head.parameters()), lr=args.lr, weight_decay=0.05)
     stack = torch.from_numpy(np.stack(train.images))
     planes = normalised_planes(stack, train.channels, *norm)  # {view: [N, 1, H, W]}
@@ -117,7 +122,10 @@ def train_and_score(args, cfg, train, val, g: torch.Generator) -> list[dict]:
     print(json.dumps(history[-1]), flush=True)
     t0 = time.time()
     for step in range(1, args.steps + 1):
-        lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        if step <= args.warmup:
+            lr = args.lr * step / args.warmup
+        else:
+            lr = args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(args.steps - args.warmup, 1)))
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, allp.shape[0], (args.batch,), generator=g)
@@ -125,6 +133,7 @@ def train_and_score(args, cfg, train, val, g: torch.Generator) -> list[dict]:
         b = (a + torch.randint(1, len(names), (args.batch,), generator=g)) % len(names)  # another view
         x = torch.cat([_random_views(allp[idx, a], size, g), _random_views(allp[idx, b], size, g)])
         backbone.train()
+        head.train()
         z = F.normalize(head(backbone.forward_features(x)["x_norm_clstoken"]), dim=1)
         logits = z[: args.batch] @ z[args.batch :].T / args.temp
         target = torch.arange(args.batch)
