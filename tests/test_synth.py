@@ -514,7 +514,9 @@ def test_sites_of_a_well_differ_in_their_cells_not_only_their_positions(tmp_path
     spread = {}
     for sv in (0.0, 1.0):
         counts: dict = {}
-        for row, im in corrected_fluorescence(synth_bucket(str(tmp_path / f"sv{sv}"), site_variation=sv, **kw)):
+        report = synth_bucket(str(tmp_path / f"sv{sv}"), site_variation=sv, **kw)
+        assert report.site_variation == sv and ("site variation 1" in report.summary()) == (sv == 1.0)
+        for row, im in corrected_fluorescence(report):
             counts.setdefault(row["Metadata_Well"], []).append(field_features(im)[1])
         # log-count spread between the sites of a well, averaged over wells
         spread[sv] = float(np.mean([np.std(np.log(np.maximum(c, 1))) for c in counts.values()]))

@@ -66,6 +66,7 @@ class SynthReport:
     csv_form: str
     size: int
     seed: int
+    site_variation: float = 0.0  # see synth_bucket
     n_batches: int = 0
     n_plates: int = 0
     n_wells: int = 0  # (plate, well) pairs
@@ -115,7 +116,8 @@ class SynthReport:
         return (
             f"synth: {self.n_batches} batches, {self.n_plates} plates, {self.n_wells} wells, {self.n_fields} fields, "
             f"{self.n_images} images ({self.size}x{self.size}, {self.image_bytes / 1e6:.1f} MB), "
-            f"{self.n_bytes / 1e6:.1f} MB in all, csv form {self.csv_form!r}, {layout_text}, faults: {faults}; "
+            f"{self.n_bytes / 1e6:.1f} MB in all, csv form {self.csv_form!r}, {layout_text}, "
+            f"{f'site variation {self.site_variation:g}, ' if self.site_variation else ''}faults: {faults}; "
             f"{self.seconds:.1f} s ({rate:.1f} fields/s) -> {self.source_root}"
         )
 
@@ -206,7 +208,8 @@ def synth_bucket(
     all_fields = plan.fields()
     images_root = layout.images_root(source_root)
     image_faults = plan_image_faults(all_fields, faults)
-    report = SynthReport(source_root=source_root, csv_form=csv_form, size=int(size), seed=seed)
+    report = SynthReport(source_root=source_root, csv_form=csv_form, size=int(size), seed=seed,
+                         site_variation=plan.site_variation)
     report.plates = [p.triple for p in plan.plates]
     report.wells = plan.well_truth()
 
