@@ -8,6 +8,9 @@ TORCH_VERSION ?= 2.13.0
 # so a laptop does not download GBs of CUDA wheels for the demo. TORCH_INDEX= (empty) uses pip's default index.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS ?= s3,wandb,pipeline,cellprofiler,dev
+# pytest-xdist workers for `make test` (auto: one per core; most tests are single-threaded, so 2 cores halve the
+# wall time); TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= auto
 
 .PHONY: install test demo bench lint compile clean
 
@@ -24,7 +27,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 install: $(BIN)/.installed
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope
 
 demo: install
 	$(BIN)/python pipeline.py demo

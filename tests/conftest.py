@@ -16,6 +16,13 @@ from dinocell.storage.local_server import LOCAL_CREDENTIALS, create_bucket, loca
 # unless a test sets it.
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores for torch's
+# intra-op threads, so that the workers do not oversubscribe the machine.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 _bucket_ids = itertools.count()
 
 

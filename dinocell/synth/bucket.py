@@ -173,8 +173,7 @@ def synth_bucket(
         perturbations // 2 (at least 1 when there are perturbations).
     site_variation: how much each site's population context (confluence, cell size and state) differs from the other
         sites of its well, as a multiple of dinocell.synth.nuisance.SITE_SIGMAS; 0 = the sites of a well differ only in
-        where their cells lie (the default: at 2 sites per well, site_variation 1 drops the CellProfiler anchor's
-        activity mAP from 0.75 to 0.46, see the README).
+        where their cells lie (the default: what site context costs profiling is measured in the README).
     The layout, the targets and the effects come from their own seed stream: see dinocell.synth.perturbations;
     batch, plate and well-position nuisance effects: dinocell.synth.nuisance. `SynthReport.wells` holds the truth.
     """

@@ -39,6 +39,8 @@ SITE_SIGMAS = {
     "agp_edges": 0.15,
     "clustering": 0.2,
 }
+# The cell-state keys: added to the Phenotype field of the same name (confluence and radius are multiplicative).
+SITE_STATE_KEYS = tuple(k for k in SITE_SIGMAS if k not in ("confluence", "cell_radius"))
 CROWDING_SHRINK = 0.3  # log radius lost per unit of log confluence
 
 
@@ -82,6 +84,6 @@ def site_effects(ph: Phenotype, seed: int, plate_key: tuple[int, int], row: int,
     vals = ph.to_dict()
     vals["density"] *= float(np.exp(d["confluence"]))
     vals["cell_radius"] *= float(np.exp(d["cell_radius"] - CROWDING_SHRINK * d["confluence"]))
-    for k in ("dna_texture", "agp_edges", "clustering"):
+    for k in SITE_STATE_KEYS:
         vals[k] += d[k]
     return Phenotype(**vals)
