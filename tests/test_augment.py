@@ -343,6 +343,40 @@ def test_orientation_transforms_can_be_switched_off():
     assert not views.hflip.any() and not views.vflip.any() and not views.rot90.any()
 
 
+def test_curriculum_starts_from_near_whole_unturned_crops_and_ends_as_configured():
+    """augment.curriculum_iters: iteration 0 = global crops of area >= curriculum_start_scale, no flip or turn; half-way
+    the bounds and probabilities are half-way; from curriculum_iters on the crops are bit-identical to no curriculum."""
+    fields = torch.randint(0, 256, (64, 5, 128, 128), dtype=torch.uint8, generator=gen(40))
+    cfg = plain_cfg(curriculum_iters=100, curriculum_start_scale=0.9)
+    aug, off = MultiViewAugment(cfg), MultiViewAugment(plain_cfg())
+
+    first = aug(fields, FLUO, gen(41), iteration=0)
+    for views in (first.global_views, first.local_views):
+        assert not views.hflip.any() and not views.vflip.any() and not views.rot90.any()
+    x0, y0, w, h = first.global_views.box.unbind(1)
+    assert (w * h / 128**2).min() >= 0.9 - 1e-5
+
+    half = aug(fields, FLUO, gen(42), iteration=50).global_views
+    area = half.box[:, 2] * half.box[:, 3] / 128**2
+    assert area.min() >= (0.9 + 0.32) / 2 - 1e-5 and area.min() < 0.7  # bound half-way, and reached
+    local = aug(fields, FLUO, gen(42), iteration=50).local_views  # 512 crops: probabilities about half theirs
+    assert 0.1 < local.hflip.float().mean() < 0.4 and 0.2 < (local.rot90 > 0).float().mean() < 0.55
+
+    for it in (100, 5000, None):
+        done, plain = aug(fields, FLUO, gen(43), iteration=it), off(fields, FLUO, gen(43))
+        assert torch.equal(done.global_crops, plain.global_crops) and torch.equal(done.local_crops, plain.local_crops)
+    # no curriculum: the iteration changes nothing
+    assert torch.equal(off(fields, FLUO, gen(44), iteration=0).global_crops, off(fields, FLUO, gen(44)).global_crops)
+
+
+def test_curriculum_settings_are_validated():
+    with pytest.raises(ValueError, match="curriculum_iters: must be an integer >= 0"):
+        small_cfg(curriculum_iters=-1)
+    with pytest.raises(ValueError, match="curriculum_start_scale: must be in \\[global_scale low, high\\]"):
+        small_cfg(curriculum_iters=10, global_scale=(0.32, 0.8), curriculum_start_scale=0.9)
+    small_cfg(global_scale=(0.95, 1.0))  # the default start scale is only checked when the curriculum is on
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Photometric steps
 

@@ -138,6 +138,24 @@ def assert_same_masks(a, b, what):
         assert x.dtype == y.dtype and torch.equal(x, y), f"{what}: {name} differs"
 
 
+def test_the_augment_curriculum_follows_the_training_iteration(shard_set, tmp_path):
+    """augment.curriculum_iters=4: the first iteration's crops are near-whole and unturned, iterations from 4 on are
+    dealt the configured flips and turns; the trainer hands the augmentation its iteration."""
+    seen = {}
+
+    def record(iteration, info):
+        views = info["trainer"]._last_views
+        area = views.global_views.box[:, 2] * views.global_views.box[:, 3] / views.field_size[0] / views.field_size[1]
+        turned = [bool(v.hflip.any() or v.vflip.any() or v.rot90.any()) for v in (views.global_views, views.local_views)]
+        seen[iteration] = (float(area.min()), any(turned))
+
+    pretrain(tiny_cfg(shard_set, tmp_path, "curriculum", "augment.curriculum_iters=4", "augment.global_scale=[0.32,1.0]",
+                      "augment.hflip_prob=0.5", "augment.vflip_prob=0.5", "augment.rotate90=true"), on_iteration=record)
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6]
+    assert seen[1][0] >= 0.9 - 1e-5 and not seen[1][1]  # built at iteration 0
+    assert seen[5][1] and seen[6][1]
+
+
 def test_ibot_masks_come_with_the_batch_from_the_workers_and_survive_a_resume(shard_set, tmp_path, monkeypatch):
     """The DataLoader workers build each batch's iBOT masks (never the training process), seeded by (seed, rank,
     iteration): a crashed and resumed run uses exactly the masks of the straight run, iteration by iteration."""

@@ -38,6 +38,12 @@ class AugmentConfig:
     hflip_prob: float = 0.5
     vflip_prob: float = 0.5
     rotate90: bool = True  # random quarter turns, k uniform in 0..3
+    # From-scratch curriculum (0 = off): over the first curriculum_iters iterations the global crops' smallest area
+    # goes linearly from curriculum_start_scale to global_scale[0], and the flip and quarter-turn probabilities from
+    # 0 to their own. Random-init features are invariant to nothing, so DINO's cross-view targets only start on
+    # near-aligned views (bench/measured/dino_objective_2026-12-03.md).
+    curriculum_iters: int = 0
+    curriculum_start_scale: float = 0.9
     jitter_prob: float = 0.8
     brightness: float = 0.4  # factor uniform in [1 - brightness, 1 + brightness]
     contrast: float = 0.4  # factor uniform in [1 - contrast, 1 + contrast]
@@ -91,6 +97,12 @@ class AugmentConfig:
         for name in ("brightness", "contrast"):
             _check(self, name, 0.0 <= getattr(self, name) < 1.0, "in [0, 1)")
         _check(self, "rotate90", isinstance(self.rotate90, bool), "a bool")
+        _check(self, "curriculum_iters", isinstance(self.curriculum_iters, int) and not isinstance(
+            self.curriculum_iters, bool) and self.curriculum_iters >= 0, "an integer >= 0")
+        if self.curriculum_iters:
+            _check(self, "curriculum_start_scale", isinstance(self.curriculum_start_scale, (int, float)) and
+                   self.global_scale[0] <= self.curriculum_start_scale <= self.global_scale[1],
+                   f"in [global_scale low, high] = {list(self.global_scale)} when curriculum_iters > 0")
         _check(self, "solarize_threshold", 0 < self.solarize_threshold <= 255, "in (0, 255]")
         _check(self, "norm_std", self.norm_std > 0, "> 0")
         _check(self, "resample", self.resample in ("auto", "taps", "matmul"), "one of 'auto', 'taps', 'matmul'")

@@ -46,7 +46,7 @@ generator's state, and changing one probability (e.g. blur off) leaves every oth
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -155,17 +155,20 @@ class MultiViewAugment:
         self.cfg = cfg if cfg is not None else AugmentConfig()
 
     def __call__(
-        self, fields_u8: torch.Tensor, channel_names: list[str], generator: torch.Generator | None = None
+        self, fields_u8: torch.Tensor, channel_names: list[str], generator: torch.Generator | None = None,
+        iteration: int | None = None,
     ) -> MultiViewBatch:
+        """iteration: the training iteration, for augment.curriculum_iters (None: past the curriculum)."""
         fluo_idx, bf_idx = _validate_input(fields_u8, channel_names, generator)
-        cfg = self.cfg
+        cfg, turn_prob = curriculum_config(self.cfg, iteration)
         device = fields_u8.device
         batch, _, height, width = fields_u8.shape
         use_bf = cfg.brightfield_prob > 0 and len(bf_idx) > 0
         global_mean, local_mean = slot_mean_probs(cfg)
         if not fluo_idx:
             _check_without_fluorescence(cfg, list(channel_names), global_mean + local_mean, bf_idx)
-        sampler = _ViewSampler(cfg, batch, height, width, fluo_idx, bf_idx if use_bf else [], generator, device)
+        sampler = _ViewSampler(cfg, batch, height, width, fluo_idx, bf_idx if use_bf else [], generator, device,
+                               turn_prob)
 
         global_slots = _SlotProbs(
             mean=global_mean, blur=[cfg.blur_prob_global1, cfg.blur_prob_global2], solarize=[0.0, cfg.solarize_prob]
@@ -280,10 +283,24 @@ class _SlotProbs:
     solarize: list[float]
 
 
-class _ViewSampler:
-    """Draws the per-crop parameters of a crop group, all from one generator in a fixed order and amount."""
+def curriculum_config(cfg: AugmentConfig, iteration: int | None) -> tuple[AugmentConfig, float]:
+    """(the settings at `iteration`, the probability that a crop's quarter turn is kept) under
+    augment.curriculum_iters: cfg itself and 1.0 when it is off or over."""
+    if not cfg.curriculum_iters or iteration is None or iteration >= cfg.curriculum_iters:
+        return cfg, 1.0
+    t = max(iteration, 0) / cfg.curriculum_iters
+    low, high = cfg.global_scale
+    start = cfg.curriculum_start_scale
+    return replace(cfg, global_scale=(start + t * (low - start), high), hflip_prob=t * cfg.hflip_prob,
+                   vflip_prob=t * cfg.vflip_prob), t
 
-    def __init__(self, cfg, batch, height, width, fluo_idx, bf_idx, generator, device):
+
+class _ViewSampler:
+    """Draws the per-crop parameters of a crop group, all from one generator in a fixed order and amount (one more
+    draw per crop while a curriculum thins the quarter turns, turn_prob < 1)."""
+
+    def __init__(self, cfg, batch, height, width, fluo_idx, bf_idx, generator, device, turn_prob: float = 1.0):
+        self.turn_prob = turn_prob
         self.cfg, self.batch, self.height, self.width = cfg, batch, height, width
         self.generator, self.device = generator, device
         self.bf_idx = _device_constant(bf_idx, torch.long, device) if bf_idx else None
@@ -320,6 +337,8 @@ class _ViewSampler:
         rot90 = (self.rand(n) * 4).long().clamp(max=3)
         if not cfg.rotate90:
             rot90 = torch.zeros_like(rot90)
+        elif self.turn_prob < 1.0:
+            rot90 = torch.where(self.rand(n) < self.turn_prob, rot90, torch.zeros_like(rot90))
 
         jittered = self.rand(n) < cfg.jitter_prob
         brightness = 1.0 + cfg.brightness * (2.0 * self.rand(n) - 1.0)

@@ -271,7 +271,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ one step
     def _inputs(self, batch: dict) -> SSLInputs:
         images = batch["images"].to(self.env.device, non_blocking=True)
-        views = self.augment(images, list(batch["channels"]), generator=self.aug_gen)
+        views = self.augment(images, list(batch["channels"]), generator=self.aug_gen, iteration=self.iteration)
         masks = self.data.masks(batch, self.iteration)  # built with the batch, in the DataLoader worker
         self._last_views = views
         return SSLInputs(views.global_crops, views.local_crops, mask_batch_to(masks, self.env.device),
