@@ -157,10 +157,9 @@ class _DINOTerm(torch.nn.Module):
 
     def __init__(self, backbone: torch.nn.Module, cfg, koleo: float, head_bn: bool):
         super().__init__()
-        head = build_head(cfg.model, backbone.embed_dim)
-        if head_bn:
-            head = torch.nn.Sequential(torch.nn.BatchNorm1d(backbone.embed_dim), head)
-        self.student = torch.nn.ModuleDict({"backbone": backbone, "head": head})
+        norm = torch.nn.BatchNorm1d(backbone.embed_dim) if head_bn else torch.nn.Identity()
+        self.student = torch.nn.ModuleDict({"backbone": backbone, "norm": norm,
+                                            "head": build_head(cfg.model, backbone.embed_dim)})
         self.teacher = ema.build_teacher(self.student, build_vit(
             cfg.model.arch, **{**cfg.model.backbone_kwargs(student=False), "in_chans": 1}))
         self.loss_cfg, self.momentum = cfg.loss, float(cfg.optim.momentum_teacher)
@@ -175,37 +174,42 @@ class _DINOTerm(torch.nn.Module):
         with torch.no_grad():
             self.teacher.eval()
             t_cls = self.teacher["backbone"].forward_features(x)["x_norm_clstoken"]
-            targets = sinkhorn_knopp(self.teacher["head"](t_cls), self.loss_cfg.teacher_temp,
+            targets = sinkhorn_knopp(_logits(self.teacher, t_cls), self.loss_cfg.teacher_temp,
                                      self.loss_cfg.sinkhorn_iterations).unflatten(0, (2, batch))
         cls = self.student["backbone"].forward_features(x)["x_norm_clstoken"]
-        global_loss, _ = self.dino(self.student["head"](cls).unflatten(0, (2, batch)), None, targets)
+        global_loss, _ = self.dino(_logits(self.student, cls).unflatten(0, (2, batch)), None, targets)
         return global_loss + self.koleo_weight * self.koleo(cls.unflatten(0, (2, batch)))
 
     @torch.no_grad()
     def after_step(self) -> None:
         ema.update_teacher(self.teacher, self.student, self.momentum)
         # --head-bn: the teacher's BatchNorm (eval mode) normalises with the student's running statistics
-        for t, s in zip(self.teacher["head"].buffers(), self.student["head"].buffers(), strict=True):
+        for t, s in zip(self.teacher["norm"].buffers(), self.student["norm"].buffers(), strict=True):
             t.copy_(s)
 
 
-class _HeadProbe(torch.nn.Module):
-    """A backbone followed by its DINO head's MLP, as an embedding model: "CLS" = the unit-norm bottleneck z the
-    prototypes score (does the head hold more field identity than the backbone's CLS?)."""
+def _bottleneck(part: torch.nn.ModuleDict, cls: torch.Tensor) -> torch.Tensor:
+    """The unit-norm bottleneck z of a student or teacher (`_DINOTerm` parts) for backbone CLS tokens."""
+    return part["head"].forward_bottleneck(part["norm"](cls))
 
-    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module):
+
+def _logits(part: torch.nn.ModuleDict, cls: torch.Tensor) -> torch.Tensor:
+    """The prototype logits of a student or teacher for backbone CLS tokens."""
+    return part["head"].forward_prototypes(_bottleneck(part, cls))
+
+
+class _HeadProbe(torch.nn.Module):
+    """A `_DINOTerm` student or teacher as an embedding model: "CLS" = the unit-norm bottleneck z its prototypes
+    score (does the head hold more field identity than the backbone's CLS?)."""
+
+    def __init__(self, part: torch.nn.ModuleDict):
         super().__init__()
-        self.backbone, self.head, self.in_chans = backbone, head, 1
+        self.part, self.in_chans = part, 1
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.backbone.forward_features(x)
-        h = self.head
-        if isinstance(h, torch.nn.Sequential):  # --head-bn: BatchNorm, then the DINO head
-            h = h[1]
-            cls = self.head[0](out["x_norm_clstoken"])
-        else:
-            cls = out["x_norm_clstoken"]
-        return {"x_norm_clstoken": h.forward_bottleneck(cls), "x_norm_patchtokens": out["x_norm_patchtokens"]}
+        out = self.part["backbone"].forward_features(x)
+        return {"x_norm_clstoken": _bottleneck(self.part, out["x_norm_clstoken"]),
+                "x_norm_patchtokens": out["x_norm_patchtokens"]}
 
 
 def train_and_score(args, cfg, train, val, g: torch.Generator) -> list[dict]:
@@ -220,11 +224,11 @@ def train_and_score(args, cfg, train, val, g: torch.Generator) -> list[dict]:
     names = list(planes)
     allp = torch.stack([planes[v][:, 0] for v in names], dim=1)  # [N, V, H, W]
     ref = reference_models(norm, "cpu", positions=False)
-    models = [EvalModel("ceiling", "supervised views", backbone, *norm, f"{args.objective} on the evaluation's views")]
+    models = [EvalModel("ceiling", f"{args.objective} student", backbone, *norm, f"{args.objective} on the evaluation's views")]
     if args.objective == "dino":  # DINO evaluates its EMA teacher
         models.append(EvalModel("teacher", "EMA teacher", objective.teacher["backbone"], *norm, "EMA teacher"))
         models.append(EvalModel("teacher_z", "EMA teacher head bottleneck",
-                                _HeadProbe(objective.teacher["backbone"], objective.teacher["head"]), *norm, "z"))
+                                _HeadProbe(objective.teacher), *norm, "z"))
     print(f"training fields {len(train.images)}, held-out {len(val.images)} (chance {1 / len(val.images):.4f}), "
           f"views {names}, size {size}", flush=True)
     # held-out fields (the evaluation's) and the training fields themselves (can the task be fitted at all?)

@@ -61,6 +61,7 @@ def test_dino_objective_is_the_dino_term_plus_koleo_and_its_teacher_follows_by_e
     loss = obj(x)
     # by hand: view 1's teacher targets teach the student's view 2 and back, mean cross-entropy over fields
     with torch.no_grad():
+        assert isinstance(obj.teacher["norm"], torch.nn.Identity)  # no --head-bn: the head sees the CLS as is
         t = sinkhorn_knopp(obj.teacher["head"](obj.teacher["backbone"].forward_features(x)["x_norm_clstoken"]),
                            cfg.loss.teacher_temp, cfg.loss.sinkhorn_iterations)
         s = F.log_softmax(obj.student["head"](obj.student["backbone"].forward_features(x)["x_norm_clstoken"])
@@ -98,7 +99,7 @@ def test_infonce_objective_is_symmetric_and_at_log_batch_for_identical_embedding
 
 def test_head_probe_embeds_the_heads_unit_bottleneck(ceiling, cfg):
     obj = ceiling._DINOTerm(_backbone(cfg), cfg, koleo=-1.0, head_bn=True)
-    probe = ceiling._HeadProbe(obj.teacher["backbone"], obj.teacher["head"])
+    probe = ceiling._HeadProbe(obj.teacher)
     x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     out = probe.forward_features(x)
     assert out["x_norm_clstoken"].shape == (4, cfg.model.head_bottleneck_dim)
@@ -110,7 +111,7 @@ def test_head_bn_teacher_normalises_with_the_students_running_statistics(ceiling
     obj.train()
     obj(torch.randn(2 * 4, 1, 16, 16, generator=torch.Generator().manual_seed(4))).backward()
     obj.after_step()
-    s_bn, t_bn = obj.student["head"][0], obj.teacher["head"][0]
+    s_bn, t_bn = obj.student["norm"], obj.teacher["norm"]
     assert not torch.equal(s_bn.running_mean, torch.zeros_like(s_bn.running_mean))  # the batch moved them
     torch.testing.assert_close(t_bn.running_mean, s_bn.running_mean, rtol=0, atol=0)
     torch.testing.assert_close(t_bn.running_var, s_bn.running_var, rtol=0, atol=0)
