@@ -23,7 +23,13 @@ this is a reference for what a model could learn, not a method.
 
 If these statistics score well above the pixel baselines, the data holds layout-free field identity and a model
 that stays near the pixels is failing to learn it; bench/invariance_ceiling.py measures how far a backbone trained
-directly on the task gets. Prints and writes (--out) one JSON object.
+directly on the task gets.
+
+Where that identity lives (`regions`): the same statistics of two fluorescent channels of a field, each from a
+quadrant of the field, either the same quadrant (the same cells, as overlapping crops share) or two disjoint ones
+(top-left and bottom-left: the same population, other cells), resized to the view size, scored per channel pair and
+averaged over the pairs. If the disjoint quadrants score near the pixels, the field identity the independent views
+leave is the shared cells themselves, not the population's statistics. Prints and writes (--out) one JSON object.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ import math
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from ablation_multiview import add_data_args, data_overrides, prepare_manifest  # bench/ is the script's directory
 from torch import nn
 
@@ -43,6 +51,7 @@ from dinocell.config import load_config, resolve_config_path
 from dinocell.eval.evaluate import load_eval_fields, view_specs
 from dinocell.eval.models import EvalModel, embed_fields, reference_models
 from dinocell.eval.scoring import analyse_embeddings
+from dinocell.eval.view_sampling import normalised_planes
 
 STATISTICS = ("mask_spectrum", "spectrum", "quantiles")
 BANDS = 10
@@ -113,6 +122,27 @@ def top1(embs: dict) -> float:
     return float(analyse_embeddings(embs)["cls"]["summary"]["top1"])
 
 
+def region_scores(val, norm: tuple[float, float], size: int, parts: tuple[str, ...] = STATISTICS) -> dict:
+    """{"same_quadrant", "disjoint_quadrants"}: mean over fluorescent channel pairs of the statistics' top-1
+    (globally standardised) between channel a's top-left quadrant and channel b's top-left / bottom-left one."""
+    planes = normalised_planes(torch.from_numpy(np.stack(val.images)), val.channels, *norm)
+    fluo = [c for c in val.channels if is_fluorescent(c)]
+    half = planes[fluo[0]].shape[-2] // 2
+    model = InvariantStatistics(parts)
+
+    def stat(x: torch.Tensor) -> dict:
+        v = model.forward_features(F.interpolate(x, size=(size, size), mode="bilinear", antialias=True))
+        return {"cls": v["x_norm_clstoken"], "patch_mean": v["x_norm_clstoken"]}
+
+    out = {}
+    for name, row in (("same_quadrant", 0), ("disjoint_quadrants", half)):
+        pairs = [top1(standardised({a: stat(planes[a][..., :half, :half]),
+                                    b: stat(planes[b][..., row:row + half, :half])}, per_view=False))
+                 for i, a in enumerate(fluo) for b in fluo[i + 1:]]
+        out[name] = float(np.mean(pairs))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON file for the scores")
@@ -137,6 +167,7 @@ def main() -> None:
             embs = embed_fields(model, val, size, "cpu", 64, "independent", specs)
             for per_view in (False, True):
                 scores[f"{'+'.join(parts)}/{'per_view' if per_view else 'global'}"] = top1(standardised(embs, per_view))
+        scores.update({f"regions/{k}": v for k, v in region_scores(val, norm, size).items()})
         result["scores"][str(size)] = scores
         print(json.dumps({"view_size": size, **{k: round(v, 4) for k, v in scores.items()}}), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -83,3 +83,21 @@ def test_standardised_per_view_centres_each_view_type(stats):
         torch.testing.assert_close(per_view[v]["cls"].mean(0), torch.zeros(3), atol=1e-5, rtol=0)
     pooled = stats.standardised(embs, per_view=False)
     assert pooled["DNA"]["cls"].mean() > 0.5 > -0.5 > pooled["Mito"]["cls"].mean()
+
+
+def test_region_scores_tell_shared_cells_from_a_shared_population(stats):
+    """Fields of one population (same disc count and size, other positions), each channel the same cells at its own
+    brightness: the same quadrant of two channels finds its field, disjoint quadrants cannot (chance 1/12)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    fields = []
+    for f in range(12):
+        cells = _discs(60, 3.0, size=96, seed=100 + f)[0, 0]
+        fields.append(np.stack([(255 * (0.2 + 0.6 * k / 4) * cells.clamp(0, 1)).to(torch.uint8).numpy()
+                                for k in range(5)]))
+    val = SimpleNamespace(images=fields, channels=["DNA", "ER", "RNA", "AGP", "Mito"])
+    scores = stats.region_scores(val, (0.5, 0.25), size=24, parts=("mask_spectrum",))
+    assert scores["same_quadrant"] > 0.8, scores
+    assert scores["disjoint_quadrants"] < 0.35, scores
