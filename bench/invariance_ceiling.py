@@ -2,7 +2,7 @@
 """How much layout-free field identity do the held-out fields hold? A ceiling for issue 8's retrieval criterion.
 
   python bench/invariance_ceiling.py --out ceiling.json [--objective infonce|dino] [--steps 2000] [--batch 64]
-         [--temp 0.1] [--lr 1e-3] [--warmup 200] [--curriculum 0] [--koleo -1] [--head-bn] [--save MODEL.pt]
+         [--temp 0.1] [--lr 1e-3] [--warmup 200] [--curriculum 0] [--koleo -1] [--head-bn] [--centering 0] [--save MODEL.pt]
          [--view-size 0] [--downsample 0] [--plates 4 --wells 24 --sites 2 --size 192 --val-fraction 0.5]
          [--config tiny] [--set KEY=VALUE ...] [--workdir DIR]
 
@@ -99,6 +99,9 @@ def main() -> None:
     ap.add_argument("--koleo", type=float, default=-1.0, help="dino: KoLeo weight (default: the config's)")
     ap.add_argument("--head-bn", action="store_true",
                     help="dino: BatchNorm on the backbone's CLS before the DINO head (as the InfoNCE head has)")
+    ap.add_argument("--centering", type=float, default=0.0,
+                    help="dino: teacher targets by a running centre with this momentum (e.g. 0.9, DINO v1) instead of "
+                         "Sinkhorn-Knopp (0)")
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr (linear warm-up, then cosine to 0)")
     ap.add_argument("--warmup", type=int, default=200,
                     help="warm-up steps (without, the ViT often sat at the uniform InfoNCE plateau, loss log(batch))")
@@ -153,9 +156,14 @@ class _InfoNCE(torch.nn.Module):
 class _DINOTerm(torch.nn.Module):
     """The training's DINO global term on the two views (view 1 teaches view 2 and back; an EMA teacher, its
     Sinkhorn-Knopp targets at the config's teacher_temp, student_temp, prototypes and head) plus KoLeo on the
-    student CLS of each view; no local crops, no iBOT. The teacher follows at optim.momentum_teacher."""
+    student CLS of each view; no local crops, no iBOT. The teacher follows at optim.momentum_teacher.
 
-    def __init__(self, backbone: torch.nn.Module, cfg, koleo: float, head_bn: bool):
+    centering > 0: DINO v1's teacher instead of Sinkhorn-Knopp (DINOv2's `centering` option): softmax of the
+    teacher logits minus their running batch mean (EMA with this momentum), at teacher_temp. Sinkhorn-Knopp gives
+    every prototype the same share of each batch, which for more prototypes than rows splits the views of one
+    field; the running centre does not tie the assignment to one batch."""
+
+    def __init__(self, backbone: torch.nn.Module, cfg, koleo: float, head_bn: bool, centering: float = 0.0):
         super().__init__()
         norm = torch.nn.BatchNorm1d(backbone.embed_dim) if head_bn else torch.nn.Identity()
         self.student = torch.nn.ModuleDict({"backbone": backbone, "norm": norm,
@@ -165,6 +173,8 @@ class _DINOTerm(torch.nn.Module):
         self.loss_cfg, self.momentum = cfg.loss, float(cfg.optim.momentum_teacher)
         self.koleo_weight = cfg.loss.koleo_weight if koleo < 0 else koleo
         self.dino, self.koleo = DINOLoss(cfg.model.n_prototypes, cfg.loss.student_temp), KoLeoLoss()
+        self.centering = float(centering)
+        self.register_buffer("center", torch.zeros(1, cfg.model.n_prototypes))
 
     def parameters(self, recurse: bool = True):
         return self.student.parameters(recurse)
@@ -174,8 +184,13 @@ class _DINOTerm(torch.nn.Module):
         with torch.no_grad():
             self.teacher.eval()
             t_cls = self.teacher["backbone"].forward_features(x)["x_norm_clstoken"]
-            targets = sinkhorn_knopp(_logits(self.teacher, t_cls), self.loss_cfg.teacher_temp,
-                                     self.loss_cfg.sinkhorn_iterations).unflatten(0, (2, batch))
+            t_logits = _logits(self.teacher, t_cls)
+            if self.centering:
+                targets = F.softmax((t_logits - self.center) / self.loss_cfg.teacher_temp, dim=-1)
+                self.center.mul_(self.centering).add_((1 - self.centering) * t_logits.mean(0, keepdim=True))
+            else:
+                targets = sinkhorn_knopp(t_logits, self.loss_cfg.teacher_temp, self.loss_cfg.sinkhorn_iterations)
+            targets = targets.unflatten(0, (2, batch))
         cls = self.student["backbone"].forward_features(x)["x_norm_clstoken"]
         global_loss, _ = self.dino(_logits(self.student, cls).unflatten(0, (2, batch)), None, targets)
         return global_loss + self.koleo_weight * self.koleo(cls.unflatten(0, (2, batch)))
@@ -217,7 +232,7 @@ def train_and_score(args, cfg, train, val, g: torch.Generator) -> list[dict]:
                                                                   float(cfg.augment.norm_std))
     backbone = build_vit(cfg.model.arch, **{**cfg.model.backbone_kwargs(student=False), "in_chans": 1})
     objective = (_InfoNCE(backbone, args.temp) if args.objective == "infonce"
-                 else _DINOTerm(backbone, cfg, args.koleo, args.head_bn))
+                 else _DINOTerm(backbone, cfg, args.koleo, args.head_bn, args.centering))
     opt = torch.optim.AdamW(objective.parameters(), lr=args.lr, weight_decay=0.05)
     stack = torch.from_numpy(np.stack(train.images))
     planes = normalised_planes(stack, train.channels, *norm)  # {view: [N, 1, H, W]}

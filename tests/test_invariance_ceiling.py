@@ -115,3 +115,21 @@ def test_head_bn_teacher_normalises_with_the_students_running_statistics(ceiling
     assert not torch.equal(s_bn.running_mean, torch.zeros_like(s_bn.running_mean))  # the batch moved them
     torch.testing.assert_close(t_bn.running_mean, s_bn.running_mean, rtol=0, atol=0)
     torch.testing.assert_close(t_bn.running_var, s_bn.running_var, rtol=0, atol=0)
+
+
+def test_dino_centering_targets_are_the_softmax_of_centred_teacher_logits(ceiling, cfg):
+    obj = ceiling._DINOTerm(_backbone(cfg), cfg, koleo=0.0, head_bn=False, centering=0.9)
+    obj.center.fill_(0.25)  # a running centre from earlier batches
+    x = torch.randn(2 * 3, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    obj.train()
+    loss = obj(x)
+    with torch.no_grad():
+        logits = obj.teacher["head"](obj.teacher["backbone"].forward_features(x)["x_norm_clstoken"])
+        t = F.softmax((logits - 0.25) / cfg.loss.teacher_temp, dim=-1)  # the centre before this batch's update
+        s = F.log_softmax(obj.student["head"](obj.student["backbone"].forward_features(x)["x_norm_clstoken"])
+                          / cfg.loss.student_temp, dim=-1)
+    ce = lambda a, b: -(t[a] * s[b]).sum(-1).mean()  # noqa: E731
+    assert loss.item() == pytest.approx(0.5 * (ce(slice(0, 3), slice(3, 6)) + ce(slice(3, 6), slice(0, 3))).item(),
+                                        rel=1e-5)
+    # the centre follows the batch mean of the teacher's logits by EMA
+    torch.testing.assert_close(obj.center, 0.9 * 0.25 + 0.1 * logits.mean(0, keepdim=True), rtol=1e-6, atol=1e-7)
