@@ -118,6 +118,16 @@ def standardised(embs: dict, per_view: bool) -> dict:
     return out
 
 
+BAND_GROUPS = {"coarse": slice(0, 4), "middle": slice(4, 7), "fine": slice(7, BANDS)}  # of the 10 bands, low to high
+
+
+def band_scores(embs: dict) -> dict[str, float]:
+    """The mask spectrum's top-1 from each group of its bands alone (`embs`: InvariantStatistics(("mask_spectrum",))
+    embeddings): which spatial scales carry the field identity."""
+    return {name: top1(standardised({v: {"cls": e["cls"][:, sl]} for v, e in embs.items()}, per_view=False))
+            for name, sl in BAND_GROUPS.items()}
+
+
 def top1(embs: dict) -> float:
     return float(analyse_embeddings(embs)["cls"]["summary"]["top1"])
 
@@ -167,6 +177,8 @@ def main() -> None:
             embs = embed_fields(model, val, size, "cpu", 64, "independent", specs)
             for per_view in (False, True):
                 scores[f"{'+'.join(parts)}/{'per_view' if per_view else 'global'}"] = top1(standardised(embs, per_view))
+            if parts == ("mask_spectrum",):
+                scores.update({f"mask_spectrum/{k}_bands": v for k, v in band_scores(embs).items()})
         scores.update({f"regions/{k}": v for k, v in region_scores(val, norm, size).items()})
         result["scores"][str(size)] = scores
         print(json.dumps({"view_size": size, **{k: round(v, 4) for k, v in scores.items()}}), flush=True)
