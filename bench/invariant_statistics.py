@@ -55,6 +55,7 @@ from dinocell.eval.view_sampling import normalised_planes
 
 STATISTICS = ("mask_spectrum", "spectrum", "quantiles")
 BANDS = 10
+BAND_GROUPS = {"coarse": slice(0, 4), "middle": slice(4, 7), "fine": slice(7, BANDS)}  # of the bands, low to high
 
 
 def radial_bands(power: torch.Tensor, bands: int = BANDS) -> torch.Tensor:
@@ -118,9 +119,6 @@ def standardised(embs: dict, per_view: bool) -> dict:
     return out
 
 
-BAND_GROUPS = {"coarse": slice(0, 4), "middle": slice(4, 7), "fine": slice(7, BANDS)}  # of the 10 bands, low to high
-
-
 def band_scores(embs: dict) -> dict[str, float]:
     """The mask spectrum's top-1 from each group of its bands alone (`embs`: InvariantStatistics(("mask_spectrum",))
     embeddings): which spatial scales carry the field identity."""
@@ -129,6 +127,7 @@ def band_scores(embs: dict) -> dict[str, float]:
 
 
 def top1(embs: dict) -> float:
+    """The evaluation's cross-channel top-1 (fluorescent channel pairs) of {view: {"cls": [fields, D], ...}}."""
     return float(analyse_embeddings(embs)["cls"]["summary"]["top1"])
 
 
