@@ -17,8 +17,9 @@ analyse_embeddings: fluorescent channel pairs, CLS top-1), next to the pixel bas
 
 It is not a method (it is trained on the evaluation's own view distribution, with field identity as the label) but
 a ceiling for a backbone of this size on this data: if it cannot get clearly above the pixel baseline, no
-self-supervised run of the same backbone on the same data can be expected to, and the data holds too little
-layout-free field identity; if it can, the self-supervised objective is what falls short. Prints one JSON line per
+self-supervised run of the same backbone on the same data can be expected to (whether the data or the backbone is
+short of it, bench/invariant_statistics.py tells: hand-crafted invariant statistics of the same views); if it can,
+the self-supervised objective is what falls short. Prints one JSON line per
 evaluation and writes the history to --out.
 
 `--objective dino` trains the same backbone on the same views with the training's DINO term instead (an EMA teacher,
