@@ -3,12 +3,11 @@ table writer (bench/ablation_multiview.py; the ablation itself is not run here).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench
 
 from dinocell.channels import FLUORESCENT_CHANNELS
 from dinocell.config import ConfigError, load_config, packaged_config
@@ -232,16 +231,8 @@ def test_bad_channel_names_are_rejected():
 # The ablation's table writer
 
 
-def _ablation_module():
-    path = Path(__file__).resolve().parents[1] / "bench" / "ablation_multiview.py"
-    spec = importlib.util.spec_from_file_location("ablation_multiview", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_ablation_metric_extraction_and_table(tmp_path):
-    ablation = _ablation_module()
+    ablation = load_bench("ablation_multiview")
     metrics = {"table": [
         {"model": "checkpoint", "embedding": "cls", "views": "fluorescent", "gap": 0.30, "top1": 0.5, "mrr": 0.6,
          "same_field": 0.9, "different_field": 0.6, "chance_top1": 0.1},

@@ -4,33 +4,22 @@ objective is the training's DINO term with an EMA teacher, the curriculum ends a
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_scripts import load_bench
 
 from dinocell.config import load_config, resolve_config_path
 from dinocell.eval.view_sampling import DEFAULT_SCALE
 from dinocell.loss import sinkhorn_knopp
 from dinocell.model.vit import build_vit
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture(scope="module")
 def ceiling():
-    sys.path.insert(0, str(BENCH))  # the bench imports its sibling ablation_multiview
-    try:
-        spec = importlib.util.spec_from_file_location("invariance_ceiling", BENCH / "invariance_ceiling.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_bench("invariance_ceiling")
 
 
 @pytest.fixture()

@@ -3,26 +3,14 @@ quarter turn, brightness), changed by what they keep (the cells' size and number
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from bench_scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def stats():
-    sys.path.insert(0, str(BENCH))  # the bench imports its sibling ablation_multiview
-    try:
-        spec = importlib.util.spec_from_file_location("invariant_statistics", BENCH / "invariant_statistics.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_bench("invariant_statistics")
 
 
 def _discs(n: int, radius: float, size: int = 48, seed: int = 0) -> torch.Tensor:
