@@ -376,5 +376,25 @@ def test_dino_head_default_sizes():
         (2048, 2048),
         (256, 2048),
     ]
-    with pytest.raises(ValueError, match="nlayers >= 1"):
-        DINOHead(8, nlayers=0)
+    with pytest.raises(ValueError, match="nlayers >= 0"):
+        DINOHead(8, nlayers=-1)
+
+
+def test_dino_head_without_mlp_scores_the_unit_norm_input():
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=64, hidden_dim=128, bottleneck_dim=32, n_prototypes=50, nlayers=0)
+    assert list(head.state_dict()) == ["last_layer.weight"] and head.bottleneck_dim == 64  # hidden, bottleneck unused
+    x = torch.randn(5, 7, 64)
+    torch.testing.assert_close(head.forward_bottleneck(x), torch.nn.functional.normalize(x, dim=-1))
+    torch.testing.assert_close(head(x), torch.nn.functional.normalize(x, dim=-1) @ head.last_layer.weight.T)
+
+
+def test_head_nlayers_zero_is_a_valid_config_and_negative_is_refused_by_name():
+    from dinocell.config import ConfigError, load_config, packaged_config
+    from dinocell.train.ssl_model import build_head
+
+    cfg = load_config(packaged_config("tiny"), ["model.head_nlayers=0"])
+    head = build_head(cfg.model, cfg.model.embed_dim)
+    assert head.last_layer.weight.shape == (cfg.model.n_prototypes, cfg.model.embed_dim)
+    with pytest.raises(ConfigError, match=r"model\.head_nlayers must be >= 0 \(0 = no MLP\), got -1"):
+        load_config(packaged_config("tiny"), ["model.head_nlayers=-1"])

@@ -57,6 +57,7 @@ class ModelConfig:
     # Number of prototypes (output width) of the DINO and iBOT heads.
     n_prototypes: int = 65536
     # Head MLP: in_dim -> hidden -> ... -> bottleneck (head_nlayers linear layers), then L2 norm and prototypes.
+    # head_nlayers 0: no MLP, the prototypes score the unit-norm token itself (hidden and bottleneck unused).
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
@@ -81,8 +82,9 @@ class ModelConfig:
         _require(_finite(self.layerscale) and self.layerscale > 0, "model.layerscale", "> 0", self.layerscale)
         _require(self.rope_rescale == 0 or self.rope_rescale >= 1.0, "model.rope_rescale",
                  "0 (off) or >= 1 (range [1/r, r])", self.rope_rescale)
-        for name in ("n_prototypes", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers"):
+        for name in ("n_prototypes", "head_hidden_dim", "head_bottleneck_dim"):
             _require(getattr(self, name) >= 1, f"model.{name}", ">= 1", getattr(self, name))
+        _require(self.head_nlayers >= 0, "model.head_nlayers", ">= 0 (0 = no MLP)", self.head_nlayers)
 
     @property
     def starts_pretrained(self) -> bool:

@@ -13,8 +13,10 @@ from torch import Tensor, nn
 
 
 def _build_mlp(nlayers: int, in_dim: int, hidden_dim: int, bottleneck_dim: int, bias: bool) -> nn.Sequential:
-    if nlayers < 1:
-        raise ValueError(f"DINOHead needs nlayers >= 1, got {nlayers}")
+    if nlayers < 0:
+        raise ValueError(f"DINOHead needs nlayers >= 0, got {nlayers}")
+    if nlayers == 0:  # no MLP: the prototypes score the unit-norm input itself
+        return nn.Sequential()
     if nlayers == 1:
         return nn.Sequential(nn.Linear(in_dim, bottleneck_dim, bias=bias))
     layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim, bias=bias), nn.GELU()]
@@ -26,6 +28,9 @@ def _build_mlp(nlayers: int, in_dim: int, hidden_dim: int, bottleneck_dim: int, 
 
 class DINOHead(nn.Module):
     """in_dim -> hidden -> ... -> bottleneck (L2-normalised) -> n_prototypes logits.
+
+    nlayers 0: no MLP; the bottleneck is the L2-normalised input (width in_dim; hidden_dim and bottleneck_dim are
+    unused), so the loss shapes the backbone's own token space, the one cosine retrieval on the CLS uses.
 
     `forward_bottleneck` and `forward_prototypes` split the two stages so a caller can, e.g., run the large
     prototype matmul (and its softmax) fused or chunked, or freeze `last_layer` for the first epoch.
@@ -42,6 +47,7 @@ class DINOHead(nn.Module):
     ):
         super().__init__()
         self.in_dim = in_dim
+        bottleneck_dim = in_dim if nlayers == 0 else bottleneck_dim
         self.bottleneck_dim = bottleneck_dim
         self.n_prototypes = n_prototypes
         self.mlp = _build_mlp(nlayers, in_dim, hidden_dim, bottleneck_dim, mlp_bias)
