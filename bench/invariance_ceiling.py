@@ -2,7 +2,7 @@
 """How much layout-free field identity do the held-out fields hold? A ceiling for issue 8's retrieval criterion.
 
   python bench/invariance_ceiling.py --out ceiling.json [--objective infonce|dino] [--steps 2000] [--batch 64]
-         [--temp 0.1] [--lr 1e-3] [--warmup 200] [--curriculum 0] [--koleo -1] [--head-bn] [--centering 0] [--save MODEL.pt]
+         [--temp 0.1] [--lr 1e-3] [--warmup 200] [--curriculum 0] [--koleo -1] [--head-bn] [--no-decay-norms] [--centering 0] [--save MODEL.pt]
          [--view-size 0] [--downsample 0] [--plates 4 --wells 24 --sites 2 --size 192 --val-fraction 0.5]
          [--config tiny] [--set KEY=VALUE ...] [--workdir DIR]
 
@@ -53,6 +53,7 @@ from dinocell.eval.view_sampling import DEFAULT_RATIO, DEFAULT_SCALE, normalised
 from dinocell.loss import DINOLoss, KoLeoLoss, sinkhorn_knopp
 from dinocell.model.vit import build_vit
 from dinocell.train import ema
+from dinocell.train.optim import no_weight_decay
 from dinocell.train.ssl_model import build_head
 
 
@@ -100,6 +101,9 @@ def main() -> None:
     ap.add_argument("--koleo", type=float, default=-1.0, help="dino: KoLeo weight (default: the config's)")
     ap.add_argument("--head-bn", action="store_true",
                     help="dino: BatchNorm on the backbone's CLS before the DINO head (as the InfoNCE head has)")
+    ap.add_argument("--no-decay-norms", dest="decay_norms", action="store_false",
+                    help="no weight decay on biases, norm weights and tokens (the shipped trainer's rule); default: "
+                         "weight decay 0.05 on every parameter")
     ap.add_argument("--centering", type=float, default=0.0,
                     help="dino: teacher targets by a running centre with this momentum (e.g. 0.9, DINO v1) instead of "
                          "Sinkhorn-Knopp (0)")
@@ -228,13 +232,24 @@ class _HeadProbe(torch.nn.Module):
                 "x_norm_patchtokens": out["x_norm_patchtokens"]}
 
 
+def _param_groups(objective: torch.nn.Module, decay_norms: bool) -> list[dict]:
+    """AdamW groups of the trained parameters: weight decay on all (the default, as the runs in bench/measured were
+    made), or, with --no-decay-norms, none on biases, norm weights and tokens (the shipped trainer's rule,
+    dinocell.train.optim.no_weight_decay, as DINOv2's)."""
+    trained = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
+    if decay_norms:
+        return [{"params": [p for _, p in trained]}]
+    return [{"params": [p for n, p in trained if not no_weight_decay(n)]},
+            {"params": [p for n, p in trained if no_weight_decay(n)], "weight_decay": 0.0}]
+
+
 def train_and_score(args, cfg, train, val, g: torch.Generator) -> list[dict]:
     size, norm = int(args.view_size or cfg.augment.global_size), (float(cfg.augment.norm_mean),
                                                                   float(cfg.augment.norm_std))
     backbone = build_vit(cfg.model.arch, **{**cfg.model.backbone_kwargs(student=False), "in_chans": 1})
     objective = (_InfoNCE(backbone, args.temp) if args.objective == "infonce"
                  else _DINOTerm(backbone, cfg, args.koleo, args.head_bn, args.centering))
-    opt = torch.optim.AdamW(objective.parameters(), lr=args.lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(_param_groups(objective, args.decay_norms), lr=args.lr, weight_decay=0.05)
     stack = torch.from_numpy(np.stack(train.images))
     planes = normalised_planes(stack, train.channels, *norm)  # {view: [N, 1, H, W]}
     names = list(planes)

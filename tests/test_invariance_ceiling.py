@@ -122,3 +122,17 @@ def test_dino_centering_targets_are_the_softmax_of_centred_teacher_logits(ceilin
                                         rel=1e-5)
     # the centre follows the batch mean of the teacher's logits by EMA
     torch.testing.assert_close(obj.center, 0.9 * 0.25 + 0.1 * logits.mean(0, keepdim=True), rtol=1e-6, atol=1e-7)
+
+
+def test_param_groups_decay_every_parameter_by_default_or_follow_the_trainers_rule(ceiling, cfg):
+    obj = ceiling._DINOTerm(_backbone(cfg), cfg, koleo=-1.0, head_bn=True)
+    student = list(obj.parameters())
+    (every,) = ceiling._param_groups(obj, decay_norms=True)  # the runs in bench/measured: one group, the student
+    assert [id(p) for p in every["params"]] == [id(p) for p in student] and "weight_decay" not in every
+    decayed, exempt = ceiling._param_groups(obj, decay_norms=False)
+    names = {id(p): n for n, p in obj.named_parameters()}
+    exempt_names = {names[id(p)] for p in exempt["params"]}
+    assert exempt["weight_decay"] == 0.0 and len(decayed["params"]) + len(exempt["params"]) == len(student)
+    assert {"student.backbone.norm.weight", "student.backbone.norm.bias", "student.norm.weight"} <= exempt_names
+    assert "student.head.last_layer.weight" in {names[id(p)] for p in decayed["params"]}
+    assert not any(n.startswith("teacher.") for n in exempt_names)
