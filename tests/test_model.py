@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from dinocell.config import ConfigError, load_config, packaged_config
 from dinocell.model import (
     DINOHead,
     RopePositionEmbedding,
@@ -16,6 +17,7 @@ from dinocell.model import (
     vit_small,
     vit_tiny,
 )
+from dinocell.train.ssl_model import build_head
 
 torch.set_num_threads(2)
 
@@ -390,9 +392,6 @@ def test_dino_head_without_mlp_scores_the_unit_norm_input():
 
 
 def test_head_nlayers_zero_is_a_valid_config_and_negative_is_refused_by_name():
-    from dinocell.config import ConfigError, load_config, packaged_config
-    from dinocell.train.ssl_model import build_head
-
     cfg = load_config(packaged_config("tiny"), ["model.head_nlayers=0"])
     head = build_head(cfg.model, cfg.model.embed_dim)
     assert head.last_layer.weight.shape == (cfg.model.n_prototypes, cfg.model.embed_dim)
