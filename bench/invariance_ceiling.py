@@ -32,6 +32,7 @@ fields and reaches the evaluation's views after N steps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import tempfile
@@ -170,9 +171,9 @@ class _DINOTerm(torch.nn.Module):
 
     def __init__(self, backbone: torch.nn.Module, cfg, koleo: float, head_bn: bool, centering: float = 0.0):
         super().__init__()
-        norm = torch.nn.BatchNorm1d(backbone.embed_dim) if head_bn else torch.nn.Identity()
-        self.student = torch.nn.ModuleDict({"backbone": backbone, "norm": norm,
-                                            "head": build_head(cfg.model, backbone.embed_dim)})
+        # --head-bn: the shipped head's BatchNorm (model.head_bn); the EMA update copies its running statistics
+        head_cfg = dataclasses.replace(cfg.model, head_bn=cfg.model.head_bn or head_bn)
+        self.student = torch.nn.ModuleDict({"backbone": backbone, "head": build_head(head_cfg, backbone.embed_dim)})
         self.teacher = ema.build_teacher(self.student, build_vit(
             cfg.model.arch, **{**cfg.model.backbone_kwargs(student=False), "in_chans": 1}))
         self.loss_cfg, self.momentum = cfg.loss, float(cfg.optim.momentum_teacher)
@@ -203,14 +204,11 @@ class _DINOTerm(torch.nn.Module):
     @torch.no_grad()
     def after_step(self) -> None:
         ema.update_teacher(self.teacher, self.student, self.momentum)
-        # --head-bn: the teacher's BatchNorm (eval mode) normalises with the student's running statistics
-        for t, s in zip(self.teacher["norm"].buffers(), self.student["norm"].buffers(), strict=True):
-            t.copy_(s)
 
 
 def _bottleneck(part: torch.nn.ModuleDict, cls: torch.Tensor) -> torch.Tensor:
     """The unit-norm bottleneck z of a student or teacher (`_DINOTerm` parts) for backbone CLS tokens."""
-    return part["head"].forward_bottleneck(part["norm"](cls))
+    return part["head"].forward_bottleneck(cls)
 
 
 def _logits(part: torch.nn.ModuleDict, cls: torch.Tensor) -> torch.Tensor:

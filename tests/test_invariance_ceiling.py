@@ -50,7 +50,7 @@ def test_dino_objective_is_the_dino_term_plus_koleo_and_its_teacher_follows_by_e
     loss = obj(x)
     # by hand: view 1's teacher targets teach the student's view 2 and back, mean cross-entropy over fields
     with torch.no_grad():
-        assert isinstance(obj.teacher["norm"], torch.nn.Identity)  # no --head-bn: the head sees the CLS as is
+        assert obj.teacher["head"].input_norm is None  # no --head-bn: the head sees the CLS as is
         t = sinkhorn_knopp(obj.teacher["head"](obj.teacher["backbone"].forward_features(x)["x_norm_clstoken"]),
                            cfg.loss.teacher_temp, cfg.loss.sinkhorn_iterations)
         s = F.log_softmax(obj.student["head"](obj.student["backbone"].forward_features(x)["x_norm_clstoken"])
@@ -100,7 +100,7 @@ def test_head_bn_teacher_normalises_with_the_students_running_statistics(ceiling
     obj.train()
     obj(torch.randn(2 * 4, 1, 16, 16, generator=torch.Generator().manual_seed(4))).backward()
     obj.after_step()
-    s_bn, t_bn = obj.student["norm"], obj.teacher["norm"]
+    s_bn, t_bn = obj.student["head"].input_norm, obj.teacher["head"].input_norm
     assert not torch.equal(s_bn.running_mean, torch.zeros_like(s_bn.running_mean))  # the batch moved them
     torch.testing.assert_close(t_bn.running_mean, s_bn.running_mean, rtol=0, atol=0)
     torch.testing.assert_close(t_bn.running_var, s_bn.running_var, rtol=0, atol=0)
@@ -133,6 +133,6 @@ def test_param_groups_decay_every_parameter_by_default_or_follow_the_trainers_ru
     names = {id(p): n for n, p in obj.named_parameters()}
     exempt_names = {names[id(p)] for p in exempt["params"]}
     assert exempt["weight_decay"] == 0.0 and len(decayed["params"]) + len(exempt["params"]) == len(student)
-    assert {"student.backbone.norm.weight", "student.backbone.norm.bias", "student.norm.weight"} <= exempt_names
+    assert {"student.backbone.norm.weight", "student.backbone.norm.bias", "student.head.input_norm.weight"} <= exempt_names
     assert "student.head.last_layer.weight" in {names[id(p)] for p in decayed["params"]}
     assert not any(n.startswith("teacher.") for n in exempt_names)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dinocell.config import ConfigError, load_config, packaged_config
 from dinocell.model import (
@@ -17,6 +18,7 @@ from dinocell.model import (
     vit_small,
     vit_tiny,
 )
+from dinocell.train.optim import no_weight_decay
 from dinocell.train.ssl_model import build_head
 
 torch.set_num_threads(2)
@@ -397,3 +399,32 @@ def test_head_nlayers_zero_is_a_valid_config_and_negative_is_refused_by_name():
     assert head.last_layer.weight.shape == (cfg.model.n_prototypes, cfg.model.embed_dim)
     with pytest.raises(ConfigError, match=r"model\.head_nlayers must be >= 0 \(0 = no MLP\), got -1"):
         load_config(packaged_config("tiny"), ["model.head_nlayers=-1"])
+
+
+def test_dino_head_input_bn_standardises_every_token_before_the_prototypes():
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=16, n_prototypes=10, nlayers=0, input_bn=True)
+    assert list(head.state_dict()) == ["input_norm.weight", "input_norm.bias", "input_norm.running_mean",
+                                       "input_norm.running_var", "input_norm.num_batches_tracked", "last_layer.weight"]
+    # far from standard: per-dimension offsets and scales as a LayerNorm affine makes them
+    x = torch.randn(3, 5, 16) * torch.linspace(0.1, 4.0, 16) + torch.linspace(-2.0, 2.0, 16)
+    head.train()
+    z = head.forward_bottleneck(x)  # batch statistics over all 15 tokens (both leading dims)
+    flat = x.reshape(-1, 16)
+    by_hand = (flat - flat.mean(0)) / torch.sqrt(flat.var(0, unbiased=False) + head.input_norm.eps)
+    torch.testing.assert_close(z, F.normalize(by_hand, dim=-1).reshape(3, 5, 16), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.input_norm.running_mean, 0.1 * flat.mean(0))  # momentum 0.1 from zeros
+    head.eval()  # eval mode: the running statistics, not the batch's
+    rm, rv = head.input_norm.running_mean, head.input_norm.running_var
+    torch.testing.assert_close(head(x[0]), F.normalize((x[0] - rm) / torch.sqrt(rv + 1e-5), dim=-1)
+                               @ head.last_layer.weight.T, rtol=1e-5, atol=1e-6)
+    # off by default: no BatchNorm keys, so the official heads' state dicts still load strictly
+    assert not any(k.startswith("input_norm") for k in DINOHead(16, n_prototypes=10, nlayers=0).state_dict())
+
+
+def test_head_bn_config_builds_the_norm_and_exempts_its_weight_from_weight_decay():
+    cfg = load_config(packaged_config("tiny"), ["model.head_bn=true", "model.head_nlayers=0"])
+    assert isinstance(build_head(cfg.model, cfg.model.embed_dim).input_norm, torch.nn.BatchNorm1d)
+    assert load_config(packaged_config("tiny")).model.head_bn is False
+    assert no_weight_decay("dino_head.input_norm.weight") and no_weight_decay("ibot_head.input_norm.bias")
+    assert not no_weight_decay("dino_head.last_layer.weight") and not no_weight_decay("dino_head.mlp.0.weight")

@@ -366,9 +366,10 @@ def test_train_step_local_backend_with_two_processes_runs_torchrun(tmp_path):
     d = discover_step("tiny", manifest_uri=str(tmp_path / "data" / "manifest.parquet"),
                       images_prefix=str(source / "images") + "/")
     s = shard_step("tiny", manifest_uri=d.manifest_uri, shards_prefix=str(tmp_path / "data" / "shards"))
-    t = train_step("tiny", ["train.max_iters=2", "loader.batch_size=2"], output_dir=lay.train_output_dir,
-                         config_uri=lay.train_config, shards_index_uri=s.index_uri, manifest_uri=d.manifest_uri,
-                         backend="local", nproc_per_node=2)
+    # head_bn: the heads' BatchNorm under DDP on CPU (SyncBatchNorm is CUDA-only: rank 0's buffers are broadcast)
+    t = train_step("tiny", ["train.max_iters=2", "loader.batch_size=2", "model.head_bn=true"],
+                   output_dir=lay.train_output_dir, config_uri=lay.train_config, shards_index_uri=s.index_uri,
+                   manifest_uri=d.manifest_uri, backend="local", nproc_per_node=2)
     assert (t.world_size, t.config_uri) == (2, lay.train_config)
     assert t.checkpoint_uri == CheckpointManager(lay.checkpoints).latest()
     assert t.checkpoint_uri.endswith("ckpt-00000002.pt")

@@ -212,6 +212,35 @@ def test_teacher_is_a_frozen_eval_copy_and_ema_follows_the_formula():
         assert torch.equal(s, t)
 
 
+def test_head_bn_teacher_standardises_with_the_students_running_statistics():
+    torch.manual_seed(0)
+    meta = SSLMetaArch(tiny_model_cfg(head_bn=True, head_nlayers=0), LossConfig(), precision="fp32").train()
+    s_bn, t_bn = meta.student.dino_head.input_norm, meta.teacher.dino_head.input_norm
+    assert s_bn.training and not t_bn.training and meta.student.ibot_head.input_norm is not None
+    inputs = tiny_inputs()
+    meta.forward_backward(inputs, teacher_temp=0.07)
+    assert int(s_bn.num_batches_tracked) == 1 and int(t_bn.num_batches_tracked) == 0  # the teacher does not track
+    # the student's head saw every global and local CLS of the step in one batch
+    with torch.no_grad():
+        cls = torch.cat([meta.student.backbone.forward_features(inputs.global_crops, inputs.masks.masks)["x_norm_clstoken"],
+                         meta.student.backbone.forward_features(inputs.local_crops)["x_norm_clstoken"]])
+    torch.testing.assert_close(s_bn.running_mean, 0.1 * cls.mean(0), rtol=1e-5, atol=1e-6)
+    meta.update_teacher(0.99)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        for part in ("dino_head", "ibot_head"):
+            assert torch.equal(getattr(meta.teacher[part].input_norm, name), getattr(meta.student[part].input_norm, name))
+    # the teacher's targets standardise with those statistics (eval mode), not with its batch's
+    with torch.no_grad():
+        t_cls = meta.teacher.backbone.forward_features(inputs.global_crops)["x_norm_clstoken"]
+        by_hand = F.normalize((t_cls - t_bn.running_mean) / torch.sqrt(t_bn.running_var + t_bn.eps)
+                              * t_bn.weight + t_bn.bias, dim=-1) @ meta.teacher.dino_head.last_layer.weight.T
+        torch.testing.assert_close(meta.teacher.dino_head(t_cls), by_hand, rtol=1e-5, atol=1e-6)
+    # the statistics are state: a fresh model loaded from this one's state dict has them bit-exactly
+    again = SSLMetaArch(tiny_model_cfg(head_bn=True, head_nlayers=0), LossConfig(), precision="fp32")
+    again.load_state_dict(meta.state_dict())
+    assert torch.equal(again.teacher.dino_head.input_norm.running_var, t_bn.running_var)
+
+
 def reference_losses(meta: SSLMetaArch, inputs: SSLInputs, teacher_temp: float) -> dict:
     """The objective written out plainly (pairs expanded, log_softmax), for a deterministic student."""
     b, ng, nl = inputs.batch_size, 2, inputs.n_local_crops

@@ -61,6 +61,10 @@ class ModelConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
+    # BatchNorm on the head's input (the CLS / patch tokens) before the MLP or, with head_nlayers 0, before the
+    # prototypes: they score per-dimension standardised tokens. The EMA teacher normalises with the student's
+    # running statistics; multi-GPU runs use SyncBatchNorm.
+    head_bn: bool = False
     # Separate iBOT head (DINOv3); False shares the DINO head for the masked patch tokens.
     ibot_separate_head: bool = True
     # Recompute each block's activations in backward (less memory, ~15% more compute).

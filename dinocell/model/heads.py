@@ -32,6 +32,11 @@ class DINOHead(nn.Module):
     nlayers 0: no MLP; the bottleneck is the L2-normalised input (width in_dim; hidden_dim and bottleneck_dim are
     unused), so the loss shapes the backbone's own token space, the one cosine retrieval on the CLS uses.
 
+    input_bn: BatchNorm1d on the input before the MLP (or, with nlayers 0, before the normalisation), as DINO v1's
+    heads had BatchNorm in the MLP: the prototypes then score per-dimension standardised tokens, so no dimension's
+    offset or scale (the final LayerNorm's affine spreads them 20x from random init) outweighs the others. It
+    keeps running statistics; an eval-mode copy (the EMA teacher) normalises with them.
+
     `forward_bottleneck` and `forward_prototypes` split the two stages so a caller can, e.g., run the large
     prototype matmul (and its softmax) fused or chunked, or freeze `last_layer` for the first epoch.
     """
@@ -44,12 +49,15 @@ class DINOHead(nn.Module):
         n_prototypes: int = 65536,
         nlayers: int = 3,
         mlp_bias: bool = True,
+        input_bn: bool = False,
     ):
         super().__init__()
         self.in_dim = in_dim
         bottleneck_dim = in_dim if nlayers == 0 else bottleneck_dim
         self.bottleneck_dim = bottleneck_dim
         self.n_prototypes = n_prototypes
+        # absent (not an Identity) when off: an official head's state dict has no such keys
+        self.input_norm = nn.BatchNorm1d(in_dim) if input_bn else None
         self.mlp = _build_mlp(nlayers, in_dim, hidden_dim, bottleneck_dim, mlp_bias)
         self.last_layer = nn.Linear(bottleneck_dim, n_prototypes, bias=False)
         self.init_weights()
@@ -69,6 +77,8 @@ class DINOHead(nn.Module):
 
     def forward_bottleneck(self, x: Tensor) -> Tensor:
         """[..., in_dim] -> unit-norm [..., bottleneck_dim]."""
+        if self.input_norm is not None:  # statistics over every token of the call (all leading dims)
+            x = self.input_norm(x.reshape(-1, self.in_dim)).reshape(x.shape)
         z = self.mlp(x)
         # eps large enough not to underflow in fp16 (as DINOv3 chooses it)
         eps = 1e-6 if z.dtype == torch.float16 else 1e-12

@@ -6,7 +6,8 @@ every applied update.
 The momentum follows its schedule (dinocell.train.schedules: from optim.momentum_teacher up to 1.0). The teacher
 has no gradient and is always in eval mode (no drop path, no RoPE rescale: its backbone is built with the
 teacher's kwargs), so its targets are deterministic. Its buffers are not averaged (they are constants: RoPE periods,
-k-bias masks). A skipped (non-finite) update moves neither the student nor the teacher.
+k-bias masks), except the BatchNorm running statistics of a head with `model.head_bn`: those are the student's,
+copied at every update, so that the eval-mode teacher standardises tokens as the student does. A skipped (non-finite) update moves neither the student nor the teacher.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["build_teacher", "reset_teacher", "update_teacher"]
+__all__ = ["build_teacher", "copy_batchnorm_statistics", "reset_teacher", "update_teacher"]
 
 
 def build_teacher(student: nn.ModuleDict, teacher_backbone: nn.Module) -> nn.ModuleDict:
@@ -44,3 +45,18 @@ def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> N
     student_params = list(student.parameters())
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+    copy_batchnorm_statistics(teacher, student)
+
+
+@torch.no_grad()
+def copy_batchnorm_statistics(teacher: nn.Module, student: nn.Module) -> None:
+    """The teacher's BatchNorm running mean / var / count <- the student's (no-op without BatchNorm)."""
+    t_norms = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    s_norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if len(t_norms) != len(s_norms):
+        raise ValueError(f"EMA: the teacher has {len(t_norms)} BatchNorm layers, the student {len(s_norms)}")
+    for t, s in zip(t_norms, s_norms):
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            t_buf, s_buf = getattr(t, name), getattr(s, name)
+            if t_buf is not None and s_buf is not None:
+                t_buf.copy_(s_buf)

@@ -46,10 +46,11 @@ def _layer_id(name: str, depth: int) -> int:
 
 
 def no_weight_decay(name: str) -> bool:
-    """Biases, norm weights (norm, norm1, norm2), LayerScale gammas and the learned tokens."""
+    """Biases, norm weights (norm, norm1, norm2, a head's input_norm), LayerScale gammas and the learned tokens."""
     parts = name.split(".")
     leaf = parts[-1]
-    return leaf in ("bias", "gamma") or leaf in TOKEN_NAMES or any(p.startswith("norm") for p in parts[:-1])
+    return (leaf in ("bias", "gamma") or leaf in TOKEN_NAMES
+            or any(p.startswith("norm") or p.endswith("_norm") for p in parts[:-1]))
 
 
 def param_rule(name: str, depth: int, layer_decay: float, patch_embed_lr_mult: float) -> ParamRule:

@@ -96,6 +96,7 @@ def build_head(model_cfg, in_dim: int) -> DINOHead:
         bottleneck_dim=model_cfg.head_bottleneck_dim,
         n_prototypes=model_cfg.n_prototypes,
         nlayers=model_cfg.head_nlayers,
+        input_bn=model_cfg.head_bn,
     )
 
 
@@ -184,8 +185,15 @@ class SSLMetaArch(nn.Module):
         params = inspect.signature(DDP.__init__).parameters
         no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
         for name in ("student_backbone", "dino_head", "ibot_head"):
-            if name in self.calls:
-                self.calls[name] = DDP(self.calls[name], device_ids=ids, **no_sync)
+            if name not in self.calls:
+                continue
+            sync = no_sync
+            if name != "student_backbone" and self.model_cfg.head_bn:
+                if device.type == "cuda":  # batch statistics over all ranks (the same Parameters, so the optimizer holds)
+                    nn.SyncBatchNorm.convert_sync_batchnorm(self.calls[name])
+                else:  # SyncBatchNorm is CUDA-only: keep the ranks' running statistics rank 0's
+                    sync = {k: True for k in no_sync}
+            self.calls[name] = DDP(self.calls[name], device_ids=ids, **sync)
         self.reset_teacher()
 
     def compile_backbones(self) -> None:
