@@ -7,7 +7,8 @@ The momentum follows its schedule (dinocell.train.schedules: from optim.momentum
 has no gradient and is always in eval mode (no drop path, no RoPE rescale: its backbone is built with the
 teacher's kwargs), so its targets are deterministic. Its buffers are not averaged (they are constants: RoPE periods,
 k-bias masks), except the BatchNorm running statistics of a head with `model.head_bn`: those are the student's,
-copied at every update, so that the eval-mode teacher standardises tokens as the student does. A skipped (non-finite) update moves neither the student nor the teacher.
+copied at every update, so that the eval-mode teacher standardises tokens as the student does. A skipped
+(non-finite) update moves neither the student nor the teacher.
 """
 
 from __future__ import annotations
