@@ -32,7 +32,6 @@ fields and reaches the evaluation's views after N steps.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import tempfile
@@ -101,7 +100,8 @@ def main() -> None:
                          "(0: the evaluation's from the start)")
     ap.add_argument("--koleo", type=float, default=-1.0, help="dino: KoLeo weight (default: the config's)")
     ap.add_argument("--head-bn", action="store_true",
-                    help="dino: BatchNorm on the backbone's CLS before the DINO head (as the InfoNCE head has)")
+                    help="dino: BatchNorm on the backbone's CLS before the DINO head (as the InfoNCE head has); "
+                         "the same as --set model.head_bn=true")
     ap.add_argument("--no-decay-norms", dest="decay_norms", action="store_false",
                     help="no weight decay on biases, norm weights and tokens (the shipped trainer's rule); default: "
                          "weight decay 0.05 on every parameter")
@@ -128,7 +128,8 @@ def main() -> None:
         manifest = prepare_manifest(args, work)
         cfg = load_config(resolve_config_path(args.config),
                           [*data_overrides(args),
-                           *([f"preprocess.downsample={args.downsample}"] if args.downsample else [])])
+                           *([f"preprocess.downsample={args.downsample}"] if args.downsample else []),
+                           *(["model.head_bn=true"] if args.head_bn else [])])
         fluo = [c for c in cfg.data.channels if is_fluorescent(c)] or None
         train = load_eval_fields(manifest, cfg, fluo, 0, "train")
         val = load_eval_fields(manifest, cfg, fluo, 0, "val")
@@ -169,11 +170,10 @@ class _DINOTerm(torch.nn.Module):
     every prototype the same share of each batch, which for more prototypes than rows splits the views of one
     field; the running centre does not tie the assignment to one batch."""
 
-    def __init__(self, backbone: torch.nn.Module, cfg, koleo: float, head_bn: bool, centering: float = 0.0):
+    def __init__(self, backbone: torch.nn.Module, cfg, koleo: float, centering: float = 0.0):
         super().__init__()
-        # --head-bn: the shipped head's BatchNorm (model.head_bn); the EMA update copies its running statistics
-        head_cfg = dataclasses.replace(cfg.model, head_bn=cfg.model.head_bn or head_bn)
-        self.student = torch.nn.ModuleDict({"backbone": backbone, "head": build_head(head_cfg, backbone.embed_dim)})
+        # --head-bn (model.head_bn): the shipped head's BatchNorm; the EMA update copies its running statistics
+        self.student = torch.nn.ModuleDict({"backbone": backbone, "head": build_head(cfg.model, backbone.embed_dim)})
         self.teacher = ema.build_teacher(self.student, build_vit(
             cfg.model.arch, **{**cfg.model.backbone_kwargs(student=False), "in_chans": 1}))
         self.loss_cfg, self.momentum = cfg.loss, float(cfg.optim.momentum_teacher)
@@ -246,7 +246,7 @@ def train_and_score(args, cfg, train, val, g: torch.Generator) -> list[dict]:
                                                                   float(cfg.augment.norm_std))
     backbone = build_vit(cfg.model.arch, **{**cfg.model.backbone_kwargs(student=False), "in_chans": 1})
     objective = (_InfoNCE(backbone, args.temp) if args.objective == "infonce"
-                 else _DINOTerm(backbone, cfg, args.koleo, args.head_bn, args.centering))
+                 else _DINOTerm(backbone, cfg, args.koleo, args.centering))
     opt = torch.optim.AdamW(_param_groups(objective, args.decay_norms), lr=args.lr, weight_decay=0.05)
     stack = torch.from_numpy(np.stack(train.images))
     planes = normalised_planes(stack, train.channels, *norm)  # {view: [N, 1, H, W]}

@@ -27,6 +27,12 @@ def cfg():
     return load_config(resolve_config_path("tiny"), ["model.n_prototypes=8"])
 
 
+@pytest.fixture()
+def cfg_bn():
+    """The same with the head's BatchNorm (what --head-bn sets)."""
+    return load_config(resolve_config_path("tiny"), ["model.n_prototypes=8", "model.head_bn=true"])
+
+
 def _backbone(cfg):
     torch.manual_seed(0)
     return build_vit(cfg.model.arch, **{**cfg.model.backbone_kwargs(student=False), "in_chans": 1})
@@ -41,7 +47,7 @@ def test_curriculum_goes_from_aligned_whole_fields_to_the_evaluations_views(ceil
 
 
 def test_dino_objective_is_the_dino_term_plus_koleo_and_its_teacher_follows_by_ema(ceiling, cfg):
-    obj = ceiling._DINOTerm(_backbone(cfg), cfg, koleo=0.0, head_bn=False)
+    obj = ceiling._DINOTerm(_backbone(cfg), cfg, koleo=0.0)
     assert not any(p.requires_grad for p in obj.teacher.parameters())
     assert {id(p) for p in obj.parameters()} == {id(p) for p in obj.student.parameters()}
     g = torch.Generator().manual_seed(1)
@@ -72,9 +78,9 @@ def test_dino_objective_is_the_dino_term_plus_koleo_and_its_teacher_follows_by_e
     assert moved > 0
 
 
-def test_dino_koleo_weight_defaults_to_the_configs(ceiling, cfg):
-    assert ceiling._DINOTerm(_backbone(cfg), cfg, koleo=-1.0, head_bn=False).koleo_weight == cfg.loss.koleo_weight
-    assert ceiling._DINOTerm(_backbone(cfg), cfg, koleo=1.0, head_bn=True).koleo_weight == 1.0
+def test_dino_koleo_weight_defaults_to_the_configs(ceiling, cfg, cfg_bn):
+    assert ceiling._DINOTerm(_backbone(cfg), cfg, koleo=-1.0).koleo_weight == cfg.loss.koleo_weight
+    assert ceiling._DINOTerm(_backbone(cfg_bn), cfg_bn, koleo=1.0).koleo_weight == 1.0
 
 
 def test_infonce_objective_is_symmetric_and_at_log_batch_for_identical_embeddings(ceiling, cfg):
@@ -86,17 +92,17 @@ def test_infonce_objective_is_symmetric_and_at_log_batch_for_identical_embedding
     assert obj(x).item() == pytest.approx(math.log(5), rel=1e-5)
 
 
-def test_head_probe_embeds_the_heads_unit_bottleneck(ceiling, cfg):
-    obj = ceiling._DINOTerm(_backbone(cfg), cfg, koleo=-1.0, head_bn=True)
+def test_head_probe_embeds_the_heads_unit_bottleneck(ceiling, cfg_bn):
+    obj = ceiling._DINOTerm(_backbone(cfg_bn), cfg_bn, koleo=-1.0)
     probe = ceiling._HeadProbe(obj.teacher)
     x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     out = probe.forward_features(x)
-    assert out["x_norm_clstoken"].shape == (4, cfg.model.head_bottleneck_dim)
+    assert out["x_norm_clstoken"].shape == (4, cfg_bn.model.head_bottleneck_dim)
     torch.testing.assert_close(out["x_norm_clstoken"].norm(dim=-1), torch.ones(4))
 
 
-def test_head_bn_teacher_normalises_with_the_students_running_statistics(ceiling, cfg):
-    obj = ceiling._DINOTerm(_backbone(cfg), cfg, koleo=-1.0, head_bn=True)
+def test_head_bn_teacher_normalises_with_the_students_running_statistics(ceiling, cfg_bn):
+    obj = ceiling._DINOTerm(_backbone(cfg_bn), cfg_bn, koleo=-1.0)
     obj.train()
     obj(torch.randn(2 * 4, 1, 16, 16, generator=torch.Generator().manual_seed(4))).backward()
     obj.after_step()
@@ -107,7 +113,7 @@ def test_head_bn_teacher_normalises_with_the_students_running_statistics(ceiling
 
 
 def test_dino_centering_targets_are_the_softmax_of_centred_teacher_logits(ceiling, cfg):
-    obj = ceiling._DINOTerm(_backbone(cfg), cfg, koleo=0.0, head_bn=False, centering=0.9)
+    obj = ceiling._DINOTerm(_backbone(cfg), cfg, koleo=0.0, centering=0.9)
     obj.center.fill_(0.25)  # a running centre from earlier batches
     x = torch.randn(2 * 3, 1, 16, 16, generator=torch.Generator().manual_seed(5))
     obj.train()
@@ -124,8 +130,8 @@ def test_dino_centering_targets_are_the_softmax_of_centred_teacher_logits(ceilin
     torch.testing.assert_close(obj.center, 0.9 * 0.25 + 0.1 * logits.mean(0, keepdim=True), rtol=1e-6, atol=1e-7)
 
 
-def test_param_groups_decay_every_parameter_by_default_or_follow_the_trainers_rule(ceiling, cfg):
-    obj = ceiling._DINOTerm(_backbone(cfg), cfg, koleo=-1.0, head_bn=True)
+def test_param_groups_decay_every_parameter_by_default_or_follow_the_trainers_rule(ceiling, cfg_bn):
+    obj = ceiling._DINOTerm(_backbone(cfg_bn), cfg_bn, koleo=-1.0)
     student = list(obj.parameters())
     (every,) = ceiling._param_groups(obj, decay_norms=True)  # the runs in bench/measured: one group, the student
     assert [id(p) for p in every["params"]] == [id(p) for p in student] and "weight_decay" not in every
