@@ -27,12 +27,12 @@ import json
 from pathlib import Path
 
 import torch
+from invariant_statistics import top1  # bench/ is the script's directory
 
 from dinocell.config import load_config
 from dinocell.eval.checkpoint_reader import load_backbone
 from dinocell.eval.evaluate import load_eval_fields, view_specs
 from dinocell.eval.models import EvalModel, embed_fields, reference_models
-from dinocell.eval.scoring import analyse_embeddings
 from dinocell.train.checkpoint import CheckpointManager
 
 HEAD_BN_PREFIX = "dino_head.input_norm."
@@ -58,10 +58,6 @@ def head_batchnorm(teacher: dict) -> torch.nn.BatchNorm1d | None:
 def through(bn: torch.nn.Module, embs: dict, key: str = "cls") -> dict:
     with torch.no_grad():
         return {view: {**v, key: bn(torch.as_tensor(v[key]).float())} for view, v in embs.items()}
-
-
-def top1(embs: dict) -> float:
-    return float(analyse_embeddings(embs)["cls"]["summary"]["top1"])
 
 
 def main() -> None:
