@@ -4,17 +4,18 @@ BatchNorm, on the evaluation's own independent views.
   python bench/embedding_space.py --checkpoint RUN/checkpoints/ckpt-N.pt --manifest MANIFEST [--config RUN/config.yaml]
          [--max-fields 96] [--seed 0] [--out space.json]
 
-The evaluation scores cosine retrieval on the raw CLS (dinocell.eval). A from-scratch tiny model's final LayerNorm
-spreads the CLS's dimensions over a 20x range of scales, and a head with BatchNorm (`model.head_bn`) trains its
-prototypes on the standardised CLS, not the raw one; so the raw score can hide what the objective learned. For the
-held-out fields' independent views (dinocell.eval.evaluate.view_specs, the evaluation's seed), this prints CLS top-1
-over the fluorescent channel pairs (the headline's numbers, chance 1 / fields) in three spaces:
+A from-scratch tiny model's final LayerNorm spreads the CLS's dimensions over a 20x range of scales, and a head
+with BatchNorm (`model.head_bn`) trains its prototypes on the standardised CLS, not the raw one; so the raw score
+can hide what the objective learned. For the held-out fields' independent views (dinocell.eval.evaluate.view_specs,
+the evaluation's seed), this prints CLS top-1 over the fluorescent channel pairs (the headline's numbers, chance
+1 / fields) in three spaces:
 
-  raw           what the evaluation scores
+  raw           the final LayerNorm's CLS (what the evaluation scores without a head BatchNorm)
   standardised  every dimension z-scored over all views of all scored fields (no labels; profiling standardises
                 features the same way)
-  head_bn       the checkpoint teacher's DINO-head BatchNorm in eval mode (running statistics and affine), when
-                the head has one: the space its prototypes score
+  head_bn       the checkpoint teacher's DINO-head BatchNorm in eval mode (running statistics and affine) folded
+                into the CLS, when the head has one (dinocell.model.cls_fold): the space its prototypes score, and
+                what the evaluation and a published model use
 
 for the checkpoint and, in the same run, the pixel baselines and the positions-only probe (dinocell.eval.models):
 a space that lifts them as much as the checkpoint is no evidence of learning.
@@ -35,29 +36,12 @@ from dinocell.eval.evaluate import load_eval_fields, view_specs
 from dinocell.eval.models import EvalModel, embed_fields, reference_models
 from dinocell.train.checkpoint import CheckpointManager
 
-HEAD_BN_PREFIX = "dino_head.input_norm."
-
 
 def standardised(embs: dict, key: str = "cls") -> dict:
     """The views' `key` embeddings with every dimension z-scored over all views and fields together."""
     every = torch.cat([torch.as_tensor(v[key]).float() for v in embs.values()])
     mean, std = every.mean(0), every.std(0).clamp_min(1e-6)
     return {view: {**v, key: (torch.as_tensor(v[key]).float() - mean) / std} for view, v in embs.items()}
-
-
-def head_batchnorm(teacher: dict) -> torch.nn.BatchNorm1d | None:
-    """The teacher's DINO-head BatchNorm (eval mode) from a checkpoint's flat teacher section, or None."""
-    if HEAD_BN_PREFIX + "weight" not in teacher:
-        return None
-    state = {k[len(HEAD_BN_PREFIX):]: v for k, v in teacher.items() if k.startswith(HEAD_BN_PREFIX)}
-    bn = torch.nn.BatchNorm1d(state["weight"].numel())
-    bn.load_state_dict(state)
-    return bn.eval()
-
-
-def through(bn: torch.nn.Module, embs: dict, key: str = "cls") -> dict:
-    with torch.no_grad():
-        return {view: {**v, key: bn(torch.as_tensor(v[key]).float())} for view, v in embs.items()}
 
 
 def main() -> None:
@@ -74,12 +58,12 @@ def main() -> None:
 
     ckpt = Path(args.checkpoint)
     state = CheckpointManager(str(ckpt.parent)).load(str(ckpt))  # verifies the integrity record
-    model, info = load_backbone(state, which="teacher", in_chans=1, device="cpu")
+    model, info = load_backbone(state, which="teacher", in_chans=1, device="cpu", fold_head_norm=False)
+    folded, folded_info = load_backbone(state, which="teacher", in_chans=1, device="cpu")
     cfg = load_config(args.config or None)
     fields = load_eval_fields(args.manifest, cfg, None, args.max_fields, "val")
     specs = view_specs(fields, args.seed)
     size = int(info.global_size or cfg.augment.global_size)
-    bn = head_batchnorm(state["teacher"])
     entries = [EvalModel("checkpoint", "checkpoint", model, info.norm_mean, info.norm_std, "", info)]
     entries += reference_models((info.norm_mean, info.norm_std), "cpu")
 
@@ -87,8 +71,9 @@ def main() -> None:
     for m in entries:
         embs = embed_fields(m, fields, size, "cpu", 32, "independent", specs)
         rows[m.id] = {"raw": top1(embs), "standardised": top1(standardised(embs))}
-        if m.id == "checkpoint" and bn is not None:
-            rows[m.id]["head_bn"] = top1(through(bn, embs))
+        if m.id == "checkpoint" and folded_info.cls_space != "backbone":
+            head = EvalModel("checkpoint", "checkpoint", folded, info.norm_mean, info.norm_std, "", folded_info)
+            rows[m.id]["head_bn"] = top1(embed_fields(head, fields, size, "cpu", 32, "independent", specs))
     result = {"checkpoint": str(ckpt), "iteration": state.get("iteration"), "n_fields": len(fields.images),
               "chance_top1": 1.0 / len(fields.images), "seed": args.seed, "cls_top1": rows}
     print(f"CLS top-1, fluorescent channel pairs, independent views of {len(fields.images)} held-out fields "

@@ -14,6 +14,11 @@ Accepted sources (a URI may be a local path or s3://):
   width from `cls_token`, depth from the block count, heads from `rope_embed.periods` (head_dim = 4 x its length) or
   else head_dim 64 as in every DINOv3 ViT, MLP ratio from `fc1`, registers from `storage_tokens`).
 
+A training checkpoint whose DINO head has an input BatchNorm (`model.head_bn`) is read with that BatchNorm folded into
+the backbone's untied CLS norm (dinocell.model.cls_fold): the CLS then is the per-dimension standardised space the
+prototypes scored, which is what the run trained; `fold_head_norm=False` reads the raw CLS. Patch tokens are the same
+either way. BackboneInfo.cls_space says which one was loaded, and a published model keeps the fold.
+
 `in_chans=1` (what the evaluation asks for: every view is one grey plane) folds a 3-channel patch kernel by summing
 its input channels, which is exactly the 3-channel model applied to the grey image repeated 3 times. The patch size
 is kept as stored (an official patch-16 model is evaluated at patch 16).
@@ -43,6 +48,7 @@ from torch import Tensor
 
 from dinocell import storage
 from dinocell.log import get_logger
+from dinocell.model.cls_fold import fold_head_input_norm, head_input_norm_from_state
 from dinocell.model.patch_adapt import InputNorm
 from dinocell.model.pretrained import extract_backbone_state_dict, load_dinov3_checkpoint, read_checkpoint
 from dinocell.model.vit import DinoVisionTransformer, build_vit
@@ -83,6 +89,8 @@ class BackboneInfo:
     pretrained: str = ""  # the run's starting weights ("" = random init)
     seed: int | None = None  # the run's seed (random-init baseline)
     load_summary: str = ""
+    # "backbone" (the final norm's CLS) or "head input BatchNorm folded" (see the module docstring)
+    cls_space: str = "backbone"
     config: dict | None = field(default=None, repr=False)  # the full stored config, when there is one
 
     def arch_kwargs(self, in_chans: int | None = None) -> dict:
@@ -95,9 +103,14 @@ class BackboneInfo:
             "num_heads": self.num_heads,
             "mlp_ratio": self.mlp_ratio,
             "n_storage_tokens": self.n_storage_tokens,
+            "untie_cls_and_patch_norms": self.untie_cls_and_patch_norms,
             "drop_path_rate": 0.0,
             "rope_rescale": None,
         }
+
+    @property
+    def untie_cls_and_patch_norms(self) -> bool:
+        return self.cls_space != "backbone"
 
     def to_dict(self, with_config: bool = False) -> dict:
         out = dataclasses.asdict(self)
@@ -138,11 +151,13 @@ def infer_architecture(state: Mapping[str, Tensor], origin: str) -> dict:
         "num_heads": embed_dim // head_dim,
         "mlp_ratio": float(state["blocks.0.mlp.fc1.weight"].shape[0]) / embed_dim,
         "n_storage_tokens": 0 if storage_tokens is None else int(storage_tokens.shape[1]),
+        "untie_cls_and_patch_norms": "cls_norm.weight" in state,
     }
 
 
 def _info_from_model(model: DinoVisionTransformer, **kw) -> BackboneInfo:
     fc1 = model.blocks[0].mlp.fc1
+    kw.setdefault("cls_space", "backbone" if model.cls_norm is None else "untied cls_norm")
     return BackboneInfo(
         patch_size=model.patch_size,
         in_chans=model.in_chans,
@@ -153,6 +168,18 @@ def _info_from_model(model: DinoVisionTransformer, **kw) -> BackboneInfo:
         n_storage_tokens=model.n_storage_tokens,
         **kw,
     )
+
+
+def _flat_section(obj: Mapping, which: str) -> dict:
+    """A training checkpoint's section with flat keys (`backbone.*`, `dino_head.*`), whichever way it was stored."""
+    section = obj[which]
+    flat = {}
+    for key, value in section.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -213,12 +240,14 @@ def _training_info(config: dict, origin: str):
 
 
 def load_backbone(
-    uri_or_ckpt, which: str = "teacher", in_chans: int | None = 1, device: str | torch.device = "cpu"
+    uri_or_ckpt, which: str = "teacher", in_chans: int | None = 1, device: str | torch.device = "cpu",
+    fold_head_norm: bool = True,
 ) -> tuple[DinoVisionTransformer, BackboneInfo]:
     """(backbone in eval mode on `device`, BackboneInfo) of any checkpoint this project handles (module docstring).
 
     which: section of a training checkpoint ("teacher", "student" or "model").
     in_chans: channels of the built model; 1 folds a 3-channel kernel (grey input); None keeps what is stored.
+    fold_head_norm: fold a training checkpoint's DINO-head input BatchNorm into the CLS (module docstring).
     """
     if in_chans not in (None, 1, 3):
         raise ValueError(f"load_backbone: in_chans must be None, 1 or 3, got {in_chans!r}")
@@ -232,13 +261,13 @@ def load_backbone(
 
     if isinstance(obj.get("config"), Mapping) and any(isinstance(obj.get(k), Mapping) for k in ("teacher", "student",
                                                                                                   "model")):
-        model, info = _load_training(obj, which, in_chans, origin)
+        model, info = _load_training(obj, which, in_chans, origin, fold_head_norm)
     else:
         model, info = _load_plain(obj, in_chans, origin)
     return model.to(device).eval(), info
 
 
-def _load_training(obj: Mapping, which: str, in_chans: int | None, origin: str):
+def _load_training(obj: Mapping, which: str, in_chans: int | None, origin: str, fold_head_norm: bool = True):
     cfg = _training_info(dict(obj["config"]), origin)
     state, section = _section(obj, which, origin)
     kwargs = cfg.model.backbone_kwargs(student=False)
@@ -247,6 +276,11 @@ def _load_training(obj: Mapping, which: str, in_chans: int | None, origin: str):
     kwargs["in_chans"] = stored_in_chans if in_chans is None else in_chans
     model = build_vit(cfg.model.arch, **kwargs)
     report = load_dinov3_checkpoint(model, state, strict=True)
+    cls_space = "backbone"
+    head_norm = head_input_norm_from_state(_flat_section(obj, which), f"{origin} [{which}]") if fold_head_norm else None
+    if head_norm is not None:
+        fold_head_input_norm(model, head_norm)
+        cls_space = "head input BatchNorm folded"
     iteration = obj.get("iteration")
     info = _info_from_model(
         model,
@@ -264,7 +298,9 @@ def _load_training(obj: Mapping, which: str, in_chans: int | None, origin: str):
         iteration=int(iteration) if isinstance(iteration, (int, float)) else None,
         pretrained=cfg.model.pretrained,
         seed=int(cfg.train.seed),
-        load_summary=report.summary().replace("<dict>", origin),
+        load_summary=report.summary().replace("<dict>", origin)
+        + ("; the DINO head's input BatchNorm folded into the CLS norm" if head_norm is not None else ""),
+        cls_space=cls_space,
         config=cfg.to_dict(),
     )
     return model, info
@@ -316,6 +352,7 @@ def _load_published(uri: str, in_chans: int | None, device):
         pretrained=cfg.get("provenance", {}).get("initial_weights", "") or "",
         seed=cfg.get("provenance", {}).get("seed"),
         load_summary=report.summary(),
+        **({"cls_space": str(cfg["cls_space"])} if cfg.get("cls_space") else {}),
     )
     return model.to(device).eval(), info
 
@@ -359,5 +396,6 @@ def load_init_backbone(
         in_chans=build_in,
         iteration=0,
         load_summary=summary,
+        cls_space="backbone" if model.cls_norm is None else "untied cls_norm",
     )
     return model.to(device).eval(), base

@@ -169,6 +169,8 @@ def build_published(published: PublishedModel, in_chans: int | None = None) -> t
     if missing:
         raise PublishedModelError(f"{storage.join(published.uri, CONFIG_NAME)}: missing architecture fields {missing}")
     kwargs = {k: cfg[k] for k in _ARCH_FIELDS}
+    # optional: versions published before the untied CLS norm existed have tied norms
+    kwargs["untie_cls_and_patch_norms"] = bool(cfg.get("untie_cls_and_patch_norms", False))
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
     # an inference model: no drop path, no RoPE rescaling (the teacher's settings)

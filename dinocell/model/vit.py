@@ -4,6 +4,10 @@ Tokens are [cls, n_storage_tokens registers, patches row-major]; there is no abs
 axial RoPE on the patch tokens. At patch 16, in_chans 3, `vit_small().state_dict()` has exactly the 188 keys of
 `dinov3_vits16_pretrain_lvd1689m-08c60483.pth`.
 
+`untie_cls_and_patch_norms=True` (DINOv3's option of the same name and key, `cls_norm.*`) gives the CLS and register
+tokens their own final LayerNorm. This project uses it to carry a trained head's input BatchNorm into the backbone's
+CLS output (dinocell.model.cls_fold), so that the exported CLS is the space the loss shaped.
+
 Teacher / student: build the student with the drop path rate you train with and RoPE rescaling (`rope_rescale=2`,
 active only in train mode); build the EMA teacher with drop_path_rate=0 (and keep it in eval mode, or pass
 rope_rescale=None) so its targets are deterministic.
@@ -40,6 +44,7 @@ class DinoVisionTransformer(nn.Module):
         qkv_bias: bool = True,
         mask_k_bias: bool = True,
         activation_checkpointing: bool = False,
+        untie_cls_and_patch_norms: bool = False,
     ):
         super().__init__()
         if not 0.0 <= drop_path_rate < 1.0:
@@ -74,6 +79,8 @@ class DinoVisionTransformer(nn.Module):
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        # absent (not shared) when tied, so an official backbone's state dict has no cls_norm keys
+        self.register_module("cls_norm", nn.LayerNorm(embed_dim, eps=norm_eps) if untie_cls_and_patch_norms else None)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # 2-D, as in the released files
         self.init_weights()
 
@@ -164,12 +171,16 @@ class DinoVisionTransformer(nn.Module):
         outputs = []
         n_prefix = self.n_prefix_tokens
         for x, masks in zip(tokens, masks_list):
-            x_norm = self.norm(x)
+            if self.cls_norm is None:
+                x_norm = self.norm(x)
+                prefix, patches = x_norm[:, :n_prefix], x_norm[:, n_prefix:]
+            else:  # as DINOv3: the CLS and registers through cls_norm, the patches through norm
+                prefix, patches = self.cls_norm(x[:, :n_prefix]), self.norm(x[:, n_prefix:])
             outputs.append(
                 {
-                    "x_norm_clstoken": x_norm[:, 0],
-                    "x_storage_tokens": x_norm[:, 1:n_prefix],
-                    "x_norm_patchtokens": x_norm[:, n_prefix:],
+                    "x_norm_clstoken": prefix[:, 0],
+                    "x_storage_tokens": prefix[:, 1:],
+                    "x_norm_patchtokens": patches,
                     "x_prenorm": x,
                     "masks": masks,
                 }

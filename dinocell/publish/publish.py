@@ -139,6 +139,9 @@ def _config_json(model, info: BackboneInfo, which: str, fallback_cfg, passed_ove
         "num_heads": info.num_heads,
         "mlp_ratio": info.mlp_ratio,
         "n_storage_tokens": info.n_storage_tokens,
+        "untie_cls_and_patch_norms": info.untie_cls_and_patch_norms,
+        # what the CLS output is: the final norm's, or with the DINO head's input BatchNorm folded in
+        "cls_space": info.cls_space,
         "patch_embed_shape": list(state["patch_embed.proj.weight"].shape),
         "n_parameters": int(sum(p.numel() for p in model.parameters())),
         "dtype": ",".join(dtypes),
