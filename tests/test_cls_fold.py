@@ -151,3 +151,29 @@ def test_a_published_head_bn_model_keeps_the_fold(tmp_path):
 
     keys = set(load_file(str(tmp_path / "models" / "cellvit" / "1" / "model.safetensors")))
     assert {"cls_norm.weight", "cls_norm.bias", "norm.weight", "norm.bias"} <= keys
+
+
+@torch.no_grad()
+def test_an_untied_model_loads_a_tied_checkpoint_exactly_and_a_tied_one_refuses_an_untied_file():
+    from dinocell.model.pretrained import load_dinov3_checkpoint
+
+    tied = _backbone()
+    untied = _backbone(seed=1, untie_cls_and_patch_norms=True)
+    report = load_dinov3_checkpoint(untied, tied.state_dict(), strict=True, checkpoint_norm=None)
+    assert not report.missing_keys
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(untied(x), tied(x))  # cls_norm started as a copy of the shared norm
+
+    folded = fold_head_input_norm(copy.deepcopy(tied), _trained_bn(64))
+    with pytest.raises(ValueError, match="unexpected cls_norm.weight(.|\n)*model.untie_cls_and_patch_norms: true"):
+        load_dinov3_checkpoint(_backbone(), folded.state_dict(), strict=True, checkpoint_norm=None)
+    target = _backbone(seed=2, untie_cls_and_patch_norms=True)
+    load_dinov3_checkpoint(target, folded.state_dict(), strict=True, checkpoint_norm=None)
+    assert torch.equal(target(x), folded(x))
+
+
+def test_the_config_switch_builds_untied_student_and_teacher():
+    cfg = load_config(packaged_config("tiny"), ["model.untie_cls_and_patch_norms=true"])
+    meta = SSLMetaArch(cfg.model, cfg.loss, precision="fp32")
+    assert meta.student.backbone.cls_norm is not None and meta.teacher.backbone.cls_norm is not None
+    assert load_config(packaged_config("tiny")).model.untie_cls_and_patch_norms is False

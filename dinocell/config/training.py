@@ -65,6 +65,10 @@ class ModelConfig:
     # prototypes: they score per-dimension standardised tokens. The EMA teacher normalises with the student's
     # running statistics; multi-GPU runs use SyncBatchNorm.
     head_bn: bool = False
+    # A final LayerNorm of its own for the CLS and register tokens (DINOv3's option and `cls_norm` keys). Needed to
+    # continue from a model whose head BatchNorm was folded into its CLS (dinocell.model.cls_fold, e.g. the shipped
+    # tiny start); a tied checkpoint loaded into an untied model starts cls_norm as a copy of norm.
+    untie_cls_and_patch_norms: bool = False
     # Separate iBOT head (DINOv3); False shares the DINO head for the masked patch tokens.
     ibot_separate_head: bool = True
     # Recompute each block's activations in backward (less memory, ~15% more compute).
@@ -104,6 +108,7 @@ class ModelConfig:
             "drop_path_rate": self.drop_path_rate if student else 0.0,
             "rope_rescale": (self.rope_rescale if self.rope_rescale > 1.0 else None) if student else None,
             "activation_checkpointing": self.activation_checkpointing if student else False,
+            "untie_cls_and_patch_norms": self.untie_cls_and_patch_norms,
         }
         for name in ("embed_dim", "depth", "num_heads"):
             if getattr(self, name):

@@ -147,6 +147,14 @@ def _is_derivable_buffer(key: str) -> bool:
     return key == "rope_embed.periods" or key.endswith(".attn.qkv.bias_mask")
 
 
+def _untie_cls_norm(state: dict[str, Tensor], target: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A tied checkpoint loaded into an untied model: cls_norm starts as a copy of the shared final norm (DINOv3
+    unties the same way), so the model computes exactly what the checkpoint did."""
+    if "cls_norm.weight" not in target or "cls_norm.weight" in state or "norm.weight" not in state:
+        return state
+    return {**state, **{f"cls_norm.{p}": state[f"norm.{p}"].clone() for p in ("weight", "bias") if f"norm.{p}" in state}}
+
+
 def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
 
@@ -174,6 +182,7 @@ def load_dinov3_checkpoint(
     adapted = adapt_patch_kernel(state, target, patch_resize_method, source_norm=checkpoint_norm,
                                  target_norm=input_norm or dinocell_input_norm())
 
+    state = _untie_cls_norm(state, target)
     absent = [k for k in target if k not in state]
     defaulted = [k for k in absent if _is_derivable_buffer(k)]
     missing = [k for k in absent if not _is_derivable_buffer(k)]
@@ -184,6 +193,9 @@ def load_dinov3_checkpoint(
     if strict:
         problems += [f"  missing {k}: expected {_shape(target[k])}, not in checkpoint" for k in missing]
         problems += [f"  unexpected {k}: found {_shape(state[k])}, not in model" for k in unexpected]
+        if any(k.startswith("cls_norm.") for k in unexpected):
+            problems.append("  (the checkpoint's CLS has its own norm: build the model with "
+                            "untie_cls_and_patch_norms=True, config model.untie_cls_and_patch_norms: true)")
     if problems:
         raise ValueError(
             f"{source} (format {fmt}) does not fit {type(model).__name__}: {len(problems)} problem(s)\n"
