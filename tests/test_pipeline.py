@@ -462,6 +462,11 @@ def test_demo_steps_mode_runs_the_same_steps_without_kfp(tmp_path, monkeypatch, 
     assert report.is_file() and f"HTML report:     {report}" in printed
     assert "independent views" in printed and "best pixel baseline" in printed  # the evaluation's headline
     assert "published model: s3://dinocell-demo/models/dinocell-demo/steps-test" in printed
+    # training continued from the shipped tiny start, uploaded to the demo's S3 server like a DINOv3 checkpoint
+    assert "pretrained start: s3://dinocell-demo/pretrained/tiny-start/" in printed
+    run_cfg = yaml.safe_load((tmp_path / "run" / "train" / "config.yaml").read_text())
+    assert run_cfg["model"]["pretrained"].startswith("s3://dinocell-demo/pretrained/tiny-start/")
+    assert run_cfg["model"]["untie_cls_and_patch_norms"] is True
     # publish_step loaded the model back (hashes verified) before the demo's server went away; the local copy of
     # the evaluation is what remains to check.
     scalars = json.loads((tmp_path / "eval" / "scalars.json").read_text())

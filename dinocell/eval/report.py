@@ -236,7 +236,8 @@ img{max-width:100%;border:1px solid #ddd} pre{background:#f6f6f6;padding:8px;fon
 """
 _INFO = (("source", "weights"), ("kind", "kind"), ("section", "checkpoint section"), ("arch", "architecture"),
          ("patch_size", "patch size"), ("embed_dim", "width"), ("depth", "blocks"), ("num_heads", "heads"),
-         ("iteration", "iteration"), ("pretrained", "started from"), ("channels", "trained on channels"))
+         ("iteration", "iteration"), ("pretrained", "started from"), ("channels", "trained on channels"),
+         ("cls_space", "CLS output"))
 _FIGURE_SECTIONS = (
     ("matrices", "Same-field, different-field and retrieval matrices, all models side by side"),
     ("pca", "PCA of the embeddings"),

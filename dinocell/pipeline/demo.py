@@ -9,14 +9,21 @@ going through KFP (same step entries, same object-storage layout; quicker to deb
 pipeline.py passes its pipeline function in (`main(argv, pipeline_func)`), so this module never imports the
 repository's pipeline.py or components/.
 
-Default sizes are chosen to finish in a few minutes on two CPU cores: 1 batch x 3 plates x 4 wells x 2 sites of
-192 px fields, 80 training iterations (2 tiny-config epochs of 40): enough for the held-out evaluation to move
-away from the random-init baseline; `tests/test_learning.py` runs the full 600-iteration tiny schedule.
+Training continues from the shipped tiny start (`--start shipped`, the default: dinocell/assets/tiny-start, a tiny ViT
+trained from scratch by bench/train_tiny_start.py with the `tiny_start` config), the way the cluster path continues
+from DINOv3's weights: the start is uploaded to the local S3 server like any pretrained checkpoint and set as
+model.pretrained. A from-scratch tiny model needs thousands of CPU iterations before the independent-view headline
+moves (README), which a demo cannot give it; `--start none` trains from random weights instead.
+
+Default sizes are chosen to finish in about a minute on two CPU cores: 1 batch x 3 plates x 24 wells x 2 sites of
+192 px fields (one plate held out: 48 fields), site variation 0.5, 80 training iterations; `tests/test_learning.py`
+runs the full 600-iteration tiny schedule from scratch.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -41,6 +48,20 @@ OUTPUTS = f"s3://{OUTPUT_BUCKET}/runs"
 MODELS = f"s3://{OUTPUT_BUCKET}/models"
 # Training length of the demo: enough iterations to see the losses move, short enough for two CPU cores.
 DEMO_OVERRIDES = ("train.max_iters=80", "train.log_every=10", "train.ckpt_every=0", "train.vis_every=0")
+# The shipped start (a published model folder) and where the demo puts it, as a user puts DINOv3's weights.
+SHIPPED_START = Path(__file__).resolve().parents[1] / "assets" / "tiny-start"
+START_PREFIX = f"s3://{OUTPUT_BUCKET}/pretrained/tiny-start"
+# Continued pretraining from the start: its architecture's untied CLS norm, and a schedule of the demo's length
+# (warm-up epoch then cosine) at a tenth of the from-scratch lr, as the full config does for DINOv3's weights.
+START_OVERRIDES = ("model.untie_cls_and_patch_norms=true", "optim.epochs=2", "optim.lr=5.0e-5")
+
+
+def upload_start(start: Path = SHIPPED_START, prefix: str = START_PREFIX) -> str:
+    """Copy the shipped start (every file, `latest` included) under `prefix`; returns its weights' URI."""
+    version = json.loads((start / "latest").read_text())["version"]
+    for path in sorted(p for p in start.rglob("*") if p.is_file()):
+        storage.write_bytes(storage.join(prefix, *path.relative_to(start).parts), path.read_bytes())
+    return storage.join(prefix, version, "model.safetensors")
 
 
 def synth_demo_bucket(args) -> None:
@@ -48,7 +69,8 @@ def synth_demo_bucket(args) -> None:
 
     t0 = time.perf_counter()
     report = synth_bucket(SOURCE, batches=args.batches, plates_per_batch=args.plates, wells_per_plate=args.wells,
-                          sites_per_well=args.sites, size=args.size, seed=args.seed)
+                          sites_per_well=args.sites, size=args.size, seed=args.seed,
+                          site_variation=args.site_variation)
     print(report.summary())
     log.info("synthetic bucket written in %.1fs", time.perf_counter() - t0)
 
@@ -65,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sites", type=int, default=2, help="sites per well")
     ap.add_argument("--size", type=int, default=192, help="field side in pixels (real JUMP: 1080)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--config", default="tiny", help="training config (packaged name or path)")
+    ap.add_argument("--site-variation", type=float, default=0.5,
+                    help="how much the sites of a well differ in confluence and cell state (dinocell synth "
+                         "--site-variation; 0 = only in where the cells lie). 0.5 keeps the planted perturbations "
+                         "visible to profiling and gives each field context of its own, as real sites have")
+    ap.add_argument("--config", default="tiny_start", help="training config (packaged name or path)")
+    ap.add_argument("--start", choices=("shipped", "none"), default="shipped",
+                    help="continue from the shipped tiny start (its config: tiny_start), or train from random weights")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help=f"config override, applied after the demo's own ({' '.join(DEMO_OVERRIDES)})")
     ap.add_argument("--run-name", default="", help="run id under the output root (default: demo-<UTC time>)")
@@ -81,11 +109,14 @@ def main(argv: list[str] | None = None, pipeline_func: Callable | None = None) -
     args = build_parser().parse_args(argv)
     if not args.steps and pipeline_func is None:
         raise SystemExit("demo: the KFP path needs the pipeline: run `python pipeline.py demo` (or pass --steps)")
+    if args.start == "shipped" and args.config != "tiny_start":
+        raise SystemExit(f"demo: --start shipped continues the shipped tiny start, whose architecture is the "
+                         f"tiny_start config's; --config {args.config} needs --start none")
     setup_logging()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the local S3 server's per-request lines
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    overrides = [*DEMO_OVERRIDES, *args.overrides]
+    overrides = [*DEMO_OVERRIDES, *(START_OVERRIDES if args.start == "shipped" else ()), *args.overrides]
     run_name = args.run_name or time.strftime("demo-%Y%m%d-%H%M%S", time.gmtime())
     t0 = time.perf_counter()
 
@@ -96,6 +127,10 @@ def main(argv: list[str] | None = None, pipeline_func: Callable | None = None) -
         create_bucket(server.endpoint_url, OUTPUT_BUCKET)
         print(f"local S3 server: {server.endpoint_url}")
         synth_demo_bucket(args)
+        if args.start == "shipped":
+            start_uri = upload_start()
+            overrides.insert(len(DEMO_OVERRIDES), f"model.pretrained={start_uri}")
+            print(f"pretrained start: {start_uri} (the shipped tiny start)")
         common = {"source": SOURCE, "outputs": OUTPUTS, "workdir": workdir, "config": args.config,
                   "overrides": overrides, "endpoint_url": server.endpoint_url, "run_name": run_name,
                   "model_name": args.model_name, "model_version": args.model_version, "models_prefix": MODELS}

@@ -98,10 +98,19 @@ def render_model_card(name: str, version: str, config: dict, metrics: dict | Non
     if data:
         data_lines = "\nSelection in the training config:\n\n" + "\n".join(
             f"- {k}: `{json.dumps(v)}`" for k, v in data.items()) + "\n"
+    how = "continued-pretrained" if prov.get("initial_weights") else "pretrained from random weights"
+    untied = ""
+    if config.get("untie_cls_and_patch_norms"):
+        untied = ("\n\nThe CLS and register tokens have their own final norm (`cls_norm.*`, DINOv3's "
+                  "`untie_cls_and_patch_norms=True`)")
+        if config.get("cls_space") == "head input BatchNorm folded":
+            untied += (": the DINO head's input BatchNorm is folded into it, so the CLS is the per-dimension "
+                       "standardised space the head's prototypes were trained on")
+        untied += "."
     return f"""# {name} {version}
 
-A DINOv3 vision transformer backbone continued-pretrained with self-supervision (DINO + iBOT + KoLeo, EMA teacher)
-on JUMP Cell Painting fields with multi-view channel consistency: the teacher's view of the mean of the fluorescent
+A DINOv3 vision transformer backbone {how} with self-supervision (DINO + iBOT + KoLeo, EMA teacher)
+on Cell Painting fields with multi-view channel consistency: the teacher's view of the mean of the fluorescent
 channels teaches the student's view of a single channel and back, so that every channel of a field maps to a
 consistent representation. This is the EMA teacher's backbone (no heads).
 
@@ -121,7 +130,7 @@ ViT-S), so the official DINOv3 code reads it with `load_state_dict` once its mod
 `patch_size={config.get('patch_size')}` and `in_chans={config.get('in_chans')}`. The official hub loader builds
 patch 16 / 3 channels and will refuse these shapes (`patch_embed.proj.weight` is
 {config.get('patch_embed_shape')}); `dinocell.model.load_dinov3_checkpoint` reads the file directly (it also adapts
-official patch-16 / 3-channel weights to other patch sizes and to 1 channel).
+official patch-16 / 3-channel weights to other patch sizes and to 1 channel).{untied}
 
 ## Configuration
 
@@ -129,8 +138,8 @@ official patch-16 / 3-channel weights to other patch sizes and to 1 channel).
 
 ## Training data
 
-JUMP Cell Painting (cpg0000-jump-pilot and/or other JUMP sources on the Cell Painting Gallery), fields of the
-training split (held-out plates were kept for evaluation).
+The fields of the training split (held-out plates were kept for evaluation) of the source that the training config
+below selects: JUMP Cell Painting on the Cell Painting Gallery, or a bucket in its layout (e.g. `dinocell synth`'s).
 {data_lines}
 ## Evaluation
 
