@@ -219,6 +219,19 @@ def _printed_cells(text: str) -> list[list[str]]:
     return out
 
 
+def test_display_path_shortens_only_absolute_temporary_paths(tmp_path, monkeypatch):
+    from dinocell.eval.report import _display_path
+
+    monkeypatch.chdir(tmp_path)  # a run working under /tmp (a CI clone, kfp.local)
+    assert _display_path(str(tmp_path / "ckpt.pt")) == "ckpt.pt (a temporary local file)"
+    # labels and relative paths are not resolved against the working directory
+    assert _display_path("pretrained weights s3://b/tiny/model.safetensors") == \
+        "pretrained weights s3://b/tiny/model.safetensors"
+    assert _display_path("random init (torch.manual_seed(0))") == "random init (torch.manual_seed(0))"
+    assert _display_path("s3://b/runs/ckpt.pt") == "s3://b/runs/ckpt.pt"
+    assert _display_path("/srv/models/ckpt.pt") == "/srv/models/ckpt.pt"
+
+
 def test_report_files_and_printed_table(fields, good_checkpoint, s3_bucket, capsys, tmp_path_factory):
     from dinocell.cli import main as cli_main
 

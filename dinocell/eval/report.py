@@ -138,9 +138,13 @@ def scalars_from_metrics(metrics: dict) -> dict[str, float]:
 
 
 def _display_path(uri: str) -> str:
-    """A URI as a reader should see it: temporary local paths (a test's or kfp.local's) reduced to their name."""
+    """A URI as a reader should see it: temporary local paths (a test's or kfp.local's) reduced to their name.
+
+    Only absolute paths qualify: a label such as "pretrained weights s3://..." is not a path, and resolving it
+    against the working directory would call it temporary whenever the run happens to work under /tmp."""
     uri = str(uri)
-    if not storage.is_s3(uri) and os.path.abspath(uri).startswith(os.path.abspath(tempfile.gettempdir()) + os.sep):
+    tmp = os.path.abspath(tempfile.gettempdir()) + os.sep
+    if not storage.is_s3(uri) and os.path.isabs(uri) and os.path.abspath(uri).startswith(tmp):
         return f"{os.path.basename(uri)} (a temporary local file)"
     return uri
 

@@ -31,11 +31,11 @@ _ROWS = (
 )
 
 
-def _canvas(width: float, height: float, dpi: int = 80):
+def _canvas(width: float, height: float, dpi: int = 80, layout: str | None = None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=dpi)
+    fig = Figure(figsize=(width, height), dpi=dpi, layout=layout)
     return fig, FigureCanvasAgg(fig)
 
 
@@ -49,7 +49,8 @@ def side_by_side_matrices(per_model: dict[str, dict], scales: dict[str, tuple[fl
     labels = next(iter(per_model.values()))["labels"]
     v = len(labels)
     side = max(2.8, 0.42 * v + 1.4)
-    fig, canvas = _canvas(side * len(per_model) + 1.2, side * len(_ROWS) + 0.6)
+    # constrained layout: the matrices fill the figure instead of sitting in wide fixed margins
+    fig, canvas = _canvas(side * len(per_model) + 1.2, side * len(_ROWS) + 0.6, layout="constrained")
     axes = fig.subplots(len(_ROWS), len(per_model), squeeze=False)
     for r, (name, row_title) in enumerate(_ROWS):
         lo, hi = scales[name]
@@ -62,7 +63,7 @@ def side_by_side_matrices(per_model: dict[str, dict], scales: dict[str, tuple[fl
             ax.set_yticks(range(v), labels=labels if c == 0 else [""] * v, fontsize=7)
             for i in range(v):
                 for j in range(v):
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=5.5,
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6.5,
                             color="black" if m[i, j] > (lo + hi) / 2 else "white")
             ax.set_title(f"{model}\n{row_title}" if r == 0 else row_title, fontsize=8)
         fig.colorbar(im, ax=list(axes[r]), fraction=0.015, pad=0.01)

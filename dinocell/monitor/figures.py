@@ -7,6 +7,8 @@ the RunLogger's job (dinocell.monitor.run_log).
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -194,7 +196,8 @@ def pca_scatter_image(embs: dict, key: str = "cls", groupings: dict | None = Non
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
     if title:
-        fig.suptitle(title)
+        # wrapped to the figure's width (about 9 px a character at 90 dpi): a one-line title is clipped on both sides
+        fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * fig.dpi / 9)), fontsize=11)
     return _render(fig)
 
 
