@@ -277,3 +277,16 @@ def test_visualizer_images_and_numbers():
     assert all(math.isfinite(v) for v in scalars.values())
     with pytest.raises(ValueError, match="2 field ids for 3 fields"):
         Visualizer(cfg, fields, tuple(ALL_CHANNELS), torch.device("cpu"), ["a", "b"])
+
+
+def test_labelled_grid_keeps_long_row_labels_inside_the_image():
+    # the report labels mean-view rows with full field ids; before the margin followed the labels they ran off the left
+    from dinocell.eval.report_figures import labelled_grid
+
+    tile, pad = 16, 2
+    grid = np.full((pad + 2 * (tile + pad), pad + (tile + pad), 3), 0.5, dtype=np.float32)
+    labels = ["2020_11_04_CPJUMP1/BR00114951/D12/2", "2020_11_04_CPJUMP1/BR00114951/O19/2"]
+    img = labelled_grid(grid, tile, labels, ["view"], "t", pad=pad)
+    edge = img[:, :6].astype(int)
+    assert (edge >= 250).all(), "text reaches the image's left edge: a row label is clipped"
+    assert (img[:, : img.shape[1] // 2] < 100).any()  # the labels themselves are drawn

@@ -97,7 +97,8 @@ def labelled_grid(grid: np.ndarray, tile: int, row_labels: list[str], col_labels
     scale = max(1, math.ceil(TILE_PX / tile))
     big = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     dpi = 100
-    left, top = 1.3, 0.7
+    # room for the longest row label (field ids run to 35 characters; about 0.085 in a character at 10 pt)
+    left, top = max(1.3, 0.085 * max((len(str(lab)) for lab in row_labels[:rows]), default=0) + 0.3), 0.7
     fig, canvas = _canvas(big.shape[1] / dpi + left + 0.2, big.shape[0] / dpi + top + 0.2, dpi=dpi)
     ax = fig.add_axes((left / fig.get_figwidth(), 0.2 / fig.get_figheight(), big.shape[1] / dpi / fig.get_figwidth(),
                        big.shape[0] / dpi / fig.get_figheight()))
