@@ -3,14 +3,15 @@
 
   python bench/ablation_multiview.py --out bench/results/ablation_multiview [--iters 600] [--seeds 0 1 2]
          [--policies multiview mean_only single_only] [--plates 3] [--wells 6] [--sites 4] [--size 256]
-         [--config tiny] [--set KEY=VALUE ...] [--eval-fields 256] [--threads 1] [--workdir DIR]
+         [--config tiny] [--set KEY=VALUE ...] [--eval-fields 256] [--threads 1] [--jobs 1] [--workdir DIR]
 
 One synthetic JUMP-layout bucket (dinocell.synth.bucket.synth_bucket, a local directory), discovered
 (dinocell.jump.step.discover: one plate in three held out) and sharded (dinocell.data.step.shard) once; then for each
 seed and each `augment.crop_policy` the same training run (dinocell.train.step.pretrain: same data, config,
 iterations and seed; the policies share every random draw but the channel choice, see dinocell.data.multiview),
 each evaluated on the held-out plate (dinocell.eval.evaluate.run_evaluation, with the random-init baseline and
-whatever pixel baselines the evaluation reports). Writes to --out:
+whatever pixel baselines the evaluation reports). --jobs N trains and evaluates N runs at a time, each in its own
+process with --threads torch threads (the data is prepared once, before). Writes to --out:
 
   ablation.md    one table: a row per policy (and per baseline), mean ± sample std over the seeds (n runs)
   ablation.json  the same summary, every run's extracted metrics, the settings, and which metric keys were found
@@ -275,6 +276,24 @@ def run_one(args, work: Path, manifest: str, index: str, policy: str, seed: int)
             "final_losses": result.final_losses, "eval_dir": str(eval_dir), "models": found}
 
 
+def _run_in_worker(args, work: Path, manifest: str, index: str, policy: str, seed: int) -> dict:
+    torch.set_num_threads(args.threads)  # a spawned process starts with torch's default (every core)
+    return run_one(args, work, manifest, index, policy, seed)
+
+
+def run_all(args, work: Path, manifest: str, index: str, plan: list[tuple[str, int]]) -> list[dict]:
+    """The records of every (policy, seed) in plan, in plan order; args.jobs runs at a time in spawned processes
+    (each run is single-threaded, so runs in parallel use the cores that one run leaves idle)."""
+    if args.jobs <= 1 or len(plan) == 1:
+        return [run_one(args, work, manifest, index, policy, seed) for policy, seed in plan]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(args.jobs, len(plan)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_in_worker, args, work, manifest, index, policy, seed) for policy, seed in plan]
+        return [f.result() for f in futures]
+
+
 def rows_of(records: list[dict]) -> list[dict]:
     """Table rows: each policy's checkpoint first, then the random-init baseline (its own row, per seed: the initial
     weights follow train.seed) and every other model of metrics.json (pixel baselines: the same for every policy,
@@ -306,9 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     add_data_args(ap)
     ap.add_argument("--eval-fields", type=int, default=256, help="held-out fields evaluated per run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the tiny model gains nothing from more)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained and evaluated at a time, one process each")
     args = ap.parse_args(argv)
     if args.iters < 1:
         ap.error(f"--iters must be >= 1, got {args.iters}")
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     work = Path(args.workdir) if args.workdir else out / "work"
@@ -316,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     manifest, index = prepare_data(args, work)
-    records = [run_one(args, work, manifest, index, policy, seed) for seed in args.seeds for policy in args.policies]
+    plan = [(policy, seed) for seed in args.seeds for policy in args.policies]
+    records = run_all(args, work, manifest, index, plan)
     rows = rows_of(records)
     keys = sorted({k for r in rows for k in r["metrics"]})
     print(f"metric keys found ({len(keys)}): {keys}")
@@ -327,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"config": args.config, "iters": args.iters, "seeds": args.seeds, "policies": args.policies,
             "plates": args.plates, "wells": args.wells, "sites": args.sites, "size": args.size,
             "data_seed": args.data_seed, "site_variation": args.site_variation, "val_fraction": args.val_fraction,
-            "overrides": args.overrides, "torch": torch.__version__}
+            "overrides": args.overrides, "jobs": args.jobs, "torch": torch.__version__}
     write_table(rows, out, meta=meta, columns=columns or None)
     json_path = out / "ablation.json"
     payload = json.loads(json_path.read_text())
