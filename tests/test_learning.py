@@ -47,14 +47,7 @@ from dinocell.train.step import pretrain
 ITERS = 600  # the tiny config's full schedule (15 epochs of 40 iterations)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: this model's operations are too small to gain from a second one (0.10 vs 0.12 s per iteration
-    on two idle cores), and two threads on shared cores stall by an order of magnitude."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

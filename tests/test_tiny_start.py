@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import dinocell
 from dinocell import storage
@@ -32,12 +31,7 @@ START = Path(dinocell.__file__).resolve().parent / "assets" / "tiny-start"
 PIXELS = ("pixels_8x8", "pixels_16x16")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
