@@ -82,9 +82,10 @@ def test_untied_norms_add_only_the_cls_norm_keys_and_equal_the_tied_model_with_a
         assert torch.equal(a[key], b[key]), key
 
 
-def _head_bn_checkpoint(head_bn: bool = True) -> tuple[dict, SSLMetaArch]:
+def _head_bn_checkpoint(head_bn: bool = True, *overrides: str) -> tuple[dict, SSLMetaArch]:
     """A training checkpoint (the trainer's layout) of a tiny model whose teacher head BatchNorm has trained stats."""
-    cfg = load_config(packaged_config("tiny"), [f"model.head_bn={str(head_bn).lower()}", "model.head_nlayers=0"])
+    cfg = load_config(packaged_config("tiny"),
+                      [f"model.head_bn={str(head_bn).lower()}", "model.head_nlayers=0", *overrides])
     torch.manual_seed(0)
     meta = SSLMetaArch(cfg.model, cfg.loss, precision="fp32")
     if head_bn:
@@ -119,6 +120,28 @@ def test_checkpoint_reader_folds_the_teachers_head_batchnorm_unless_asked_not_to
     plain, _ = _head_bn_checkpoint(head_bn=False)
     model, info = load_backbone(plain)
     assert info.cls_space == "backbone" and model.cls_norm is None
+
+
+@torch.no_grad()
+def test_an_untied_run_without_head_batchnorm_reads_and_publishes_as_untied(tmp_path):
+    # e.g. a run continued from the shipped start with model.head_bn=false: cls_norm exists, nothing is folded
+    ckpt, meta = _head_bn_checkpoint(False, "model.untie_cls_and_patch_norms=true")
+    with torch.no_grad():
+        meta.teacher.backbone.cls_norm.bias.normal_()  # away from norm, so a tied rebuild would show
+    ckpt["teacher"] = meta.teacher.state_dict()
+    model, info = load_backbone(ckpt)
+    assert info.cls_space == "untied cls_norm" and info.untie_cls_and_patch_norms and model.cls_norm is not None
+    x = torch.randn(2, 1, 48, 48)
+    assert torch.equal(model(x), meta.teacher.backbone.eval()(x))
+
+    uri = str(tmp_path / "run" / "ckpt-00000007.pt")
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    storage.write_bytes(uri, buf.getvalue())
+    result = publish_checkpoint(uri, str(tmp_path / "models"), "cellvit", "1")
+    config = json.loads((tmp_path / "models" / "cellvit" / "1" / "config.json").read_text())
+    assert config["untie_cls_and_patch_norms"] is True and config["cls_space"] == "untied cls_norm"
+    assert torch.equal(dinocell.load_pretrained(result.uri)(x), model(x))
 
 
 def test_head_input_norm_from_state_names_what_is_missing():

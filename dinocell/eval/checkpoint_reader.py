@@ -48,7 +48,7 @@ from torch import Tensor
 
 from dinocell import storage
 from dinocell.log import get_logger
-from dinocell.model.cls_fold import fold_head_input_norm, head_input_norm_from_state
+from dinocell.model.cls_fold import CLS_SPACE_TIED, cls_space_of, fold_head_input_norm, head_input_norm_from_state
 from dinocell.model.patch_adapt import InputNorm
 from dinocell.model.pretrained import extract_backbone_state_dict, load_dinov3_checkpoint, read_checkpoint
 from dinocell.model.vit import DinoVisionTransformer, build_vit
@@ -89,8 +89,8 @@ class BackboneInfo:
     pretrained: str = ""  # the run's starting weights ("" = random init)
     seed: int | None = None  # the run's seed (random-init baseline)
     load_summary: str = ""
-    # "backbone" (the final norm's CLS) or "head input BatchNorm folded" (see the module docstring)
-    cls_space: str = "backbone"
+    # the final norm's CLS, an untied cls_norm's, or with the head BatchNorm folded (dinocell.model.cls_fold)
+    cls_space: str = CLS_SPACE_TIED
     config: dict | None = field(default=None, repr=False)  # the full stored config, when there is one
 
     def arch_kwargs(self, in_chans: int | None = None) -> dict:
@@ -110,7 +110,7 @@ class BackboneInfo:
 
     @property
     def untie_cls_and_patch_norms(self) -> bool:
-        return self.cls_space != "backbone"
+        return self.cls_space != CLS_SPACE_TIED
 
     def to_dict(self, with_config: bool = False) -> dict:
         out = dataclasses.asdict(self)
@@ -157,7 +157,7 @@ def infer_architecture(state: Mapping[str, Tensor], origin: str) -> dict:
 
 def _info_from_model(model: DinoVisionTransformer, **kw) -> BackboneInfo:
     fc1 = model.blocks[0].mlp.fc1
-    kw.setdefault("cls_space", "backbone" if model.cls_norm is None else "untied cls_norm")
+    kw.setdefault("cls_space", cls_space_of(model))
     return BackboneInfo(
         patch_size=model.patch_size,
         in_chans=model.in_chans,
@@ -276,11 +276,9 @@ def _load_training(obj: Mapping, which: str, in_chans: int | None, origin: str, 
     kwargs["in_chans"] = stored_in_chans if in_chans is None else in_chans
     model = build_vit(cfg.model.arch, **kwargs)
     report = load_dinov3_checkpoint(model, state, strict=True)
-    cls_space = "backbone"
     head_norm = head_input_norm_from_state(_flat_section(obj, which), f"{origin} [{which}]") if fold_head_norm else None
     if head_norm is not None:
         fold_head_input_norm(model, head_norm)
-        cls_space = "head input BatchNorm folded"
     iteration = obj.get("iteration")
     info = _info_from_model(
         model,
@@ -300,7 +298,7 @@ def _load_training(obj: Mapping, which: str, in_chans: int | None, origin: str, 
         seed=int(cfg.train.seed),
         load_summary=report.summary().replace("<dict>", origin)
         + ("; the DINO head's input BatchNorm folded into the CLS norm" if head_norm is not None else ""),
-        cls_space=cls_space,
+        cls_space=cls_space_of(model, folded=head_norm is not None),
         config=cfg.to_dict(),
     )
     return model, info
@@ -396,6 +394,6 @@ def load_init_backbone(
         in_chans=build_in,
         iteration=0,
         load_summary=summary,
-        cls_space="backbone" if model.cls_norm is None else "untied cls_norm",
+        cls_space=cls_space_of(model),
     )
     return model.to(device).eval(), base

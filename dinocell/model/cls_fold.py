@@ -23,11 +23,25 @@ from torch import Tensor, nn
 
 from dinocell.model.vit import DinoVisionTransformer
 
-__all__ = ["HEAD_NORM_PREFIX", "fold_head_input_norm", "head_input_norm_from_state"]
+__all__ = ["CLS_SPACE_FOLDED", "CLS_SPACE_TIED", "CLS_SPACE_UNTIED", "HEAD_NORM_PREFIX", "cls_space_of",
+           "fold_head_input_norm", "head_input_norm_from_state"]
+
+# What a backbone's CLS output is (BackboneInfo.cls_space, a published config.json's "cls_space"): the shared final
+# norm's, an untied cls_norm's, or an untied cls_norm that carries a DINO head's input BatchNorm.
+CLS_SPACE_TIED = "backbone"
+CLS_SPACE_UNTIED = "untied cls_norm"
+CLS_SPACE_FOLDED = "head input BatchNorm folded"
 
 # where the DINO head's input BatchNorm sits in a training checkpoint's teacher / student section
 HEAD_NORM_PREFIX = "dino_head.input_norm."
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+def cls_space_of(backbone: DinoVisionTransformer, folded: bool = False) -> str:
+    """The CLS space of `backbone`; folded: a head BatchNorm was folded into its cls_norm."""
+    if backbone.cls_norm is None:
+        return CLS_SPACE_TIED
+    return CLS_SPACE_FOLDED if folded else CLS_SPACE_UNTIED
 
 
 def head_input_norm_from_state(section: Mapping[str, Tensor], origin: str = "<dict>") -> nn.BatchNorm1d | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from dinocell.model.cls_fold import CLS_SPACE_FOLDED
+
 __all__ = ["metrics_table_rows", "render_model_card"]
 
 _TABLE_COLUMNS = (
@@ -103,7 +105,7 @@ def render_model_card(name: str, version: str, config: dict, metrics: dict | Non
     if config.get("untie_cls_and_patch_norms"):
         untied = ("\n\nThe CLS and register tokens have their own final norm (`cls_norm.*`, DINOv3's "
                   "`untie_cls_and_patch_norms=True`)")
-        if config.get("cls_space") == "head input BatchNorm folded":
+        if config.get("cls_space") == CLS_SPACE_FOLDED:
             untied += (": the DINO head's input BatchNorm is folded into it, so the CLS is the per-dimension "
                        "standardised space the head's prototypes were trained on")
         untied += "."
