@@ -213,16 +213,15 @@ def _read_source(uri: str):
     return CheckpointManager(_parent(uri)).load(uri), uri
 
 
-def _section(obj: Mapping, which: str, origin: str) -> tuple[dict[str, Tensor], str]:
-    """The backbone state dict of a training checkpoint's section (flat `backbone.*` or nested `backbone`)."""
+def _section(obj: Mapping, which: str, origin: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(backbone state dict, the whole section with flat keys) of a training checkpoint's section (flat
+    `backbone.*` or nested `backbone`)."""
     if not isinstance(obj.get(which), Mapping):
         present = [k for k in ("teacher", "student", "model") if isinstance(obj.get(k), Mapping)]
         raise ValueError(f"{origin}: no {which!r} section in the checkpoint (sections present: {present})")
-    section = obj[which]
-    if isinstance(section.get("backbone"), Mapping):  # nested {"backbone": {...}, "dino_head": {...}}
-        section = {f"backbone.{k}": v for k, v in section["backbone"].items()}
-    state, _, _, _ = extract_backbone_state_dict({which: section}, which=which, origin=origin)
-    return state, which
+    flat = _flat_section(obj, which)
+    state, _, _, _ = extract_backbone_state_dict({which: flat}, which=which, origin=origin)
+    return state, flat
 
 
 def _training_info(config: dict, origin: str):
@@ -269,14 +268,14 @@ def load_backbone(
 
 def _load_training(obj: Mapping, which: str, in_chans: int | None, origin: str, fold_head_norm: bool = True):
     cfg = _training_info(dict(obj["config"]), origin)
-    state, section = _section(obj, which, origin)
+    state, flat = _section(obj, which, origin)
     kwargs = cfg.model.backbone_kwargs(student=False)
     stored_in_chans = int(state["patch_embed.proj.weight"].shape[1]) if "patch_embed.proj.weight" in state else (
         cfg.model.in_chans)
     kwargs["in_chans"] = stored_in_chans if in_chans is None else in_chans
     model = build_vit(cfg.model.arch, **kwargs)
     report = load_dinov3_checkpoint(model, state, strict=True)
-    head_norm = head_input_norm_from_state(_flat_section(obj, which), f"{origin} [{which}]") if fold_head_norm else None
+    head_norm = head_input_norm_from_state(flat, f"{origin} [{which}]") if fold_head_norm else None
     if head_norm is not None:
         fold_head_input_norm(model, head_norm)
     iteration = obj.get("iteration")
@@ -284,7 +283,7 @@ def _load_training(obj: Mapping, which: str, in_chans: int | None, origin: str, 
         model,
         source=origin,
         kind="training",
-        section=section,
+        section=which,
         arch=cfg.model.arch,
         stored_in_chans=stored_in_chans,
         norm_mean=float(cfg.augment.norm_mean),
