@@ -34,6 +34,7 @@ from dinocell.config import load_config
 from dinocell.eval.checkpoint_reader import load_backbone
 from dinocell.eval.evaluate import load_eval_fields, view_specs
 from dinocell.eval.models import EvalModel, embed_fields, reference_models
+from dinocell.model.cls_fold import CLS_SPACE_FOLDED
 from dinocell.train.checkpoint import CheckpointManager
 
 
@@ -71,7 +72,7 @@ def main() -> None:
     for m in entries:
         embs = embed_fields(m, fields, size, "cpu", 32, "independent", specs)
         rows[m.id] = {"raw": top1(embs), "standardised": top1(standardised(embs))}
-        if m.id == "checkpoint" and folded_info.cls_space != "backbone":
+        if m.id == "checkpoint" and folded_info.cls_space == CLS_SPACE_FOLDED:
             head = EvalModel("checkpoint", "checkpoint", folded, info.norm_mean, info.norm_std, "", folded_info)
             rows[m.id]["head_bn"] = top1(embed_fields(head, fields, size, "cpu", 32, "independent", specs))
     result = {"checkpoint": str(ckpt), "iteration": state.get("iteration"), "n_fields": len(fields.images),
